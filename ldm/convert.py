@@ -1,72 +1,90 @@
-"""Weight layouts: our UNet uses the CompVis checkpoint layout; this maps it to diffusers'.
+"""Weight interop: released CompVis checkpoints in, diffusers folders and CompVis layout out.
 
-Pure functions of state dicts (no file I/O): jobs/ reads and writes the files.
-Covers SD-style cross-attention UNets (SpatialTransformer attention), the layout diffusers'
-`UNet2DConditionModel` has; self-attention-only UNets have no diffusers equivalent here.
+Pure functions of configs, modules and state dicts. No file I/O (jobs/ reads and writes the
+files) and no diffusers import: the config builders return plain dicts that the export job
+hands to `UNet2DConditionModel.from_config` / `AutoencoderKL.from_config` /
+`DDIMScheduler.from_config` before `save_pretrained`.
+
+    ldm/convert_compvis.py  CompVis checkpoints: split / join, LitEma names, strict loading
+    ldm/convert_unet.py     UNet <-> UNet2DConditionModel (SD-style cross-attention UNets)
+    ldm/convert_vae.py      KL autoencoder <-> AutoencoderKL
+
+Exporting a text-to-image model to diffusers (issue 8). A diffusers *pipeline* folder needs a
+text encoder diffusers knows (CLIP / T5); the paper's tau_theta is a transformer trained jointly
+with the UNet (Sec. 4.3.1) that has no diffusers class. So the export is per component:
+`unet/`, `vae/` and `scheduler/` subfolders, each written by the caller with `save_pretrained`
+and loadable with `<Class>.from_pretrained(folder, subfolder=...)`, plus the conditioner (and
+any model diffusers cannot hold: VQ first stages, self-attention-only or scale-shift UNets) in
+our own safetensors format. No `model_index.json` is written, because no diffusers pipeline
+class could run the result; `diffusers_export_parts` builds what each subfolder needs.
 """
+from typing import NamedTuple
+
 import torch
 
-from ldm.unet import UNet, UNetConfig
+from ldm.autoencoder import AutoencoderKL
+from ldm.convert_compvis import (COMPVIS_PREFIXES, compvis_ema_to_unet, first_stage_weights,
+                                 join_compvis_state_dict, load_into, split_compvis_state_dict,
+                                 unet_to_compvis_ema)
+from ldm.convert_unet import check_diffusers_unet, diffusers_unet_config, unet_from_diffusers, unet_to_diffusers
+from ldm.convert_vae import (autoencoder_from_diffusers, autoencoder_to_diffusers, check_diffusers_vae,
+                             diffusers_vae_config)
+from ldm.diffusion import check_objective
+from ldm.schedules import ScheduleConfig
+from ldm.unet import UNet
 
-# ResBlock (CompVis) -> ResnetBlock2D (diffusers), by parameter path inside the block.
-_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-           "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+__all__ = ["COMPVIS_PREFIXES", "DiffusersPart", "autoencoder_from_diffusers", "autoencoder_to_diffusers",
+           "check_diffusers_unet", "check_diffusers_vae", "compvis_ema_to_unet", "diffusers_export_parts",
+           "diffusers_scheduler_config", "diffusers_unet_config", "diffusers_vae_config", "first_stage_weights",
+           "join_compvis_state_dict", "load_into", "split_compvis_state_dict", "unet_from_diffusers",
+           "unet_to_compvis_ema", "unet_to_diffusers"]
 
-
-def _block_prefixes(cfg: UNetConfig) -> dict[str, str]:
-    """CompVis module prefix -> diffusers module prefix, for every block of the UNet."""
-    n = cfg.num_res_blocks
-    has_attn = [2 ** level in cfg.attention_ds for level in range(len(cfg.channel_mult))]
-    out = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-           "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
-           "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
-           "middle_block.2": "mid_block.resnets.1"}
-    for i, attn in enumerate(has_attn):
-        for j in range(n):
-            k = 1 + i * (n + 1) + j
-            out[f"input_blocks.{k}.0"] = f"down_blocks.{i}.resnets.{j}"
-            if attn:
-                out[f"input_blocks.{k}.1"] = f"down_blocks.{i}.attentions.{j}"
-        out[f"input_blocks.{1 + i * (n + 1) + n}.0.op"] = f"down_blocks.{i}.downsamplers.0.conv"
-    for i, attn in enumerate(reversed(has_attn)):
-        for j in range(n + 1):
-            k = i * (n + 1) + j
-            out[f"output_blocks.{k}.0"] = f"up_blocks.{i}.resnets.{j}"
-            if attn:
-                out[f"output_blocks.{k}.1"] = f"up_blocks.{i}.attentions.{j}"
-        out[f"output_blocks.{i * (n + 1) + n}.{2 if attn else 1}.conv"] = f"up_blocks.{i}.upsamplers.0.conv"
-    return out
+# Our objective names -> diffusers' `prediction_type`.
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+# Our schedule kinds -> diffusers' `beta_schedule` with the same betas: "scaled_linear" is linear
+# in sqrt(beta) (the LDM schedule), "squaredcos_cap_v2" the iDDPM cosine with beta <= 0.999.
+BETA_SCHEDULES = {"linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
 
-def unet_to_diffusers(state_dict: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
-    """Rename a CompVis-layout UNet state dict to `UNet2DConditionModel` keys (same tensors)."""
-    if cfg.context_dim is None or cfg.resblock_updown or cfg.use_scale_shift_norm:
-        raise ValueError("only SD-style UNets (cross-attention, conv up/downsampling, additive time "
-                         "embedding) have a diffusers UNet2DConditionModel layout")
-    prefixes = _block_prefixes(cfg)
-    converted = {}
-    for key, tensor in state_dict.items():
-        prefix = max((p for p in prefixes if key.startswith(p + ".")), key=len, default=None)
-        if prefix is None:
-            raise ValueError(f"no diffusers name for UNet parameter {key!r}")
-        rest = key[len(prefix) + 1:]
-        if ".resnets." in prefixes[prefix]:
-            param_path, _, leaf = rest.rpartition(".")
-            rest = f"{_RESNET[param_path]}.{leaf}"
-        converted[f"{prefixes[prefix]}.{rest}"] = tensor
-    return converted
+def diffusers_scheduler_config(cfg: ScheduleConfig, objective: str = "eps") -> dict:
+    """`DDIMScheduler.from_config` arguments that reproduce `ldm.samplers.sample_ddim` on this schedule.
+
+    Trailing timestep spacing, as `ldm.samplers.timesteps`; alpha_bar = 1 after the last step
+    (`set_alpha_to_one`), so the last update returns the predicted x_0; no x_0 clipping (our
+    default `clip_x0=None`). diffusers steps from t to t - T // num_steps, so the two samplers
+    visit the same timesteps only when num_steps divides num_timesteps.
+    """
+    check_objective(objective)
+    return {
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": cfg.num_timesteps, "beta_start": cfg.beta_start, "beta_end": cfg.beta_end,
+        "beta_schedule": BETA_SCHEDULES[cfg.kind], "prediction_type": PREDICTION_TYPES[objective],
+        "timestep_spacing": "trailing", "set_alpha_to_one": True, "steps_offset": 0,
+        "clip_sample": False, "thresholding": False,
+    }
 
 
-def unet_from_diffusers(state_dict: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
-    """The inverse of `unet_to_diffusers`: diffusers `UNet2DConditionModel` keys -> our layout."""
-    inverse = unet_to_diffusers({k: k for k in _ours_keys(cfg)}, cfg)  # diffusers key -> our key
-    unknown = sorted(set(state_dict) - set(inverse))
-    if unknown:
-        raise ValueError(f"diffusers UNet keys with no counterpart in this config: {unknown[:5]} ...")
-    return {inverse[k]: v for k, v in state_dict.items()}
+class DiffusersPart(NamedTuple):
+    """One subfolder of a diffusers export: `from_config(config)`, load `state_dict`, `save_pretrained`."""
+    config: dict
+    state_dict: dict[str, torch.Tensor] | None  # None for the scheduler, which has no weights
 
 
-def _ours_keys(cfg: UNetConfig) -> list[str]:
+def diffusers_export_parts(unet: UNet, autoencoder: AutoencoderKL, schedule: ScheduleConfig, *,
+                           latent_size: int | tuple[int, int], scaling_factor: float,
+                           objective: str = "eps") -> dict[str, DiffusersPart]:
+    """The `unet`, `vae` and `scheduler` subfolders of a diffusers export of a trained LDM.
 
-    with torch.device("meta"):
-        return list(UNet(cfg).state_dict())
+    `scaling_factor` is the latent scale the UNet was trained with (App. G); the conditioner is
+    exported separately in our format (see the module docstring).
+    """
+    if not isinstance(autoencoder, AutoencoderKL):
+        raise ValueError(f"{type(autoencoder).__name__} has no diffusers counterpart here; only KL "
+                         "autoencoders export to diffusers (export VQ models in our own format)")
+    return {
+        "unet": DiffusersPart(diffusers_unet_config(unet.cfg, latent_size),
+                              unet_to_diffusers(unet.state_dict(), unet.cfg)),
+        "vae": DiffusersPart(diffusers_vae_config(autoencoder.cfg, scaling_factor),
+                             autoencoder_to_diffusers(autoencoder.state_dict(), autoencoder.cfg)),
+        "scheduler": DiffusersPart(diffusers_scheduler_config(schedule, objective), None),
+    }

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-from ldm.convert import unet_from_diffusers, unet_to_diffusers
 from ldm.unet import UNet, UNetConfig, timestep_embedding
 
 CROSS = UNetConfig(4, 4, 32, (1, 2, 2), 1, (2, 4), num_head_channels=16, context_dim=24, transformer_depth=2)
@@ -69,35 +68,3 @@ def test_timestep_embedding_values():
     expected = torch.tensor([[1.0] * 4 + [0.0] * 4,
                              [math.cos(f) for f in freqs] + [math.sin(f) for f in freqs]])
     torch.testing.assert_close(emb, expected)
-
-
-def _diffusers_unet(cfg: UNetConfig):
-    diffusers = pytest.importorskip("diffusers")
-    attn = [2 ** i in cfg.attention_ds for i in range(len(cfg.channel_mult))]
-    heads = cfg.num_heads if cfg.num_heads > 0 else None
-    return diffusers.UNet2DConditionModel(
-        sample_size=16, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
-        layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
-        attention_head_dim=heads or tuple(cfg.model_channels * m // cfg.num_head_channels for m in cfg.channel_mult),
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        transformer_layers_per_block=cfg.transformer_depth)
-
-
-def test_matches_diffusers_unet2dcondition_numerically():
-    """Same architecture as the peer: our weights, renamed, give diffusers the same outputs."""
-    ours = _perturbed(CROSS).eval()
-    peer = _diffusers_unet(CROSS).eval()
-    peer.load_state_dict(unet_to_diffusers(ours.state_dict(), CROSS), strict=True)
-    x, t, c = torch.randn(2, 4, 16, 24), torch.tensor([7, 900]), torch.randn(2, 5, 24)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x, t, c), peer(x, t, encoder_hidden_states=c).sample, rtol=1e-5, atol=1e-5)
-    back = unet_from_diffusers(peer.state_dict(), CROSS)
-    assert back.keys() == ours.state_dict().keys()
-    assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
-
-
-def test_diffusers_layout_rejects_self_attention_unets():
-    with pytest.raises(ValueError, match="SD-style"):
-        unet_to_diffusers(UNet(SELF_FILM).state_dict(), SELF_FILM)
