@@ -10,7 +10,7 @@ Today it runs the stages that exist (issue 10 grows it into the whole pipeline):
 5. measure caption adherence with the deterministic detector (pipeline.adherence).
 Prints one line per stage and, last, one JSON object of the headline figures.
 
-    python -m jobs.demo [--out runs/demo] [--steps 900]
+    python -m jobs.demo [--out runs/demo] [--steps 600]
 """
 import argparse
 import dataclasses
@@ -152,7 +152,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--num-images", type=int, default=1152)
-    ap.add_argument("--steps", type=int, default=900)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--cond-dropout", type=float, default=0.1)
