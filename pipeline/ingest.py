@@ -24,6 +24,9 @@ from pipeline.ray_cluster import RayConfig, init_ray
 from pipeline.shards import atomic_write_bytes, atomic_write_json
 from pipeline.url_lists import MetadataFilters, apply_filters, dedup_urls, expand_inputs, read_url_lists
 
+# Columns img2dataset writes itself; input columns of these names are kept as source_<name>.
+IMG2DATASET_COLUMNS = ("key", "status", "error_message", "width", "height", "original_width", "original_height",
+                       "exif", "sha256", "md5")
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 ENCODE_FORMATS = ("jpg", "png", "webp")
 
@@ -83,6 +86,7 @@ def plan_parts(cfg: IngestConfig) -> dict:
     frame = read_url_lists(cfg.inputs, cfg.url_col, cfg.caption_col)
     kept, dropped = apply_filters(frame, cfg.filters)
     kept, url_dupes = dedup_urls(kept) if cfg.dedup_urls else (kept, 0)
+    kept = kept.rename(columns={c: f"source_{c}" for c in IMG2DATASET_COLUMNS})
     num_parts = _write_parts(kept, _work(cfg) / "parts", cfg.part_size)
     plan = {"fingerprint": fingerprint, "input_rows": len(frame), "filtered_before_download": dropped,
             "duplicate_urls": url_dupes, "num_parts": num_parts, "columns": list(kept.columns)}

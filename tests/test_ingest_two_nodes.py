@@ -1,0 +1,75 @@
+"""`python -m jobs.ingest` against a two-node Ray cluster: `ray start --head` plus `ray start --address`
+on this machine (two raylets, one CPU each), the way the SLURM template builds a cluster."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.demo_scenes import with_base_url, write_demo_dataset
+from pipeline.http_server import LoopbackServer
+
+pytestmark = pytest.mark.slow
+RAY_ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive_nodes(address: str) -> int:
+    probe = f"import ray; ray.init(address='{address}', log_to_driver=False); " \
+            "print(sum(n['Alive'] for n in ray.nodes()))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=RAY_ENV, timeout=120)
+    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
+
+
+def _wait_for_nodes(address: str, count: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _alive_nodes(address) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Ray cluster at {address} did not reach {count} nodes")
+        time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory):
+    port, temp = _free_port(), tmp_path_factory.mktemp("ray")
+    common = ["--num-cpus", "1", "--object-store-memory", str(100 * 1024 ** 2), "--block", "--disable-usage-stats"]
+    head = subprocess.Popen(["ray", "start", "--head", "--port", str(port), "--include-dashboard=false",
+                             "--temp-dir", str(temp), *common], env=RAY_ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    procs = [head]
+    try:
+        address = f"127.0.0.1:{port}"
+        _wait_for_nodes(address, 1)
+        procs.append(subprocess.Popen(["ray", "start", "--address", address, *common], env=RAY_ENV,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        _wait_for_nodes(address, 2)
+        yield address
+    finally:
+        for proc in reversed(procs):  # `ray start --block` stops its node's processes on SIGTERM
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+def test_ingest_job_spreads_shards_over_both_nodes(two_node_cluster, tmp_path):
+    write_demo_dataset(tmp_path / "www", 24, seed=1)
+    with LoopbackServer(tmp_path / "www") as server:
+        urls = with_base_url(tmp_path / "www" / "urls.parquet", server.base_url, tmp_path / "urls.parquet")
+        out = tmp_path / "shards"
+        job = subprocess.run(
+            [sys.executable, "-m", "jobs.ingest", f"inputs=[{urls}]", f"output_dir={out}", "image_size=32",
+             "part_size=6", "thread_count=4", f"ray.address={two_node_cluster}", f"hydra.run.dir={tmp_path}/hydra"],
+            capture_output=True, text=True, env=RAY_ENV, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert job.returncode == 0, job.stderr[-3000:]
+    summary = json.loads(job.stdout.strip().splitlines()[-1])
+    assert summary["downloaded"] == 24 and summary["shards"] == 4
+    nodes = {json.loads(p.read_text())["node"] for p in out.glob("*_stats.json")}
+    assert len(nodes) == 2, f"all shards finalized on {nodes}"
