@@ -1,13 +1,14 @@
 """The embedded demo: a tiny text-to-image LDM on synthetic captioned scenes, on CPU, in minutes.
 
 Today it runs the stages that exist (issue 10 grows it into the whole pipeline):
-1. generate the captioned demo dataset (pipeline.demo_scenes);
-2. stand-in for ingest + first stage + precompute: images are read from disk, downsampled to
-   32x32 and pixel-unshuffled to 16x16x12 "latents" (a fixed, invertible f=2 encoder);
-3. train the debug text-to-image UNet and its jointly trained text transformer (ldm library:
+1. generate the captioned demo dataset (pipeline.demo_scenes) and serve it on 127.0.0.1;
+2. ingest it with img2dataset on a local Ray cluster into image shards (pipeline.ingest);
+3. stand-in for first stage + precompute: shard images downsampled to 32x32 and
+   pixel-unshuffled to 16x16x12 "latents" (a fixed, invertible f=2 encoder);
+4. train the debug text-to-image UNet and its jointly trained text transformer (ldm library:
    eps objective, min-SNR weighting, 10% caption dropout, EMA), in this process;
-4. sample with DDIM for every caption, unguided and with classifier-free guidance;
-5. measure caption adherence with the deterministic detector (pipeline.adherence).
+5. sample with DDIM for every caption, unguided and with classifier-free guidance;
+6. measure caption adherence with the deterministic detector (pipeline.adherence).
 Prints one line per stage and, last, one JSON object of the headline figures.
 
     python -m jobs.demo [--out runs/demo] [--steps 600]
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import webdataset as wds
 from PIL import Image
 
 from ldm.conditioners import TextTransformer
@@ -33,7 +35,10 @@ from ldm.schedules import NoiseSchedule
 from ldm.tokenizers import OpenCLIPTokenizer
 from ldm.unet import UNet
 from pipeline.adherence import adherence
-from pipeline.demo_scenes import ALL_SCENES, write_demo_dataset
+from pipeline.demo_scenes import ALL_SCENES, with_base_url, write_demo_dataset
+from pipeline.http_server import LoopbackServer
+from pipeline.ingest import IngestConfig, ingest
+from pipeline.ray_cluster import RayConfig
 
 PIXELS, UNSHUFFLE = 32, 2  # 32x32 RGB -> 16x16x12
 
@@ -42,14 +47,24 @@ def log(stage: str, message: str, start: float) -> None:
     print(f"[demo] {stage:<8} {message} ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
-def load_images(data_dir: Path) -> tuple[torch.Tensor, list[str]]:
-    import pandas as pd
+def ingest_demo(data_dir: Path, shards_dir: Path, num_images: int) -> dict:
+    """Serve the generated images on loopback and ingest them with img2dataset on Ray."""
+    with LoopbackServer(data_dir) as server:
+        urls = with_base_url(data_dir / "urls.parquet", server.base_url, data_dir / "urls_served.parquet")
+        cfg = IngestConfig(inputs=[str(urls)], output_dir=str(shards_dir), image_size=64, part_size=max(64, num_images // 4),
+                           thread_count=16, ray=RayConfig(num_cpus=2, object_store_mb=256))
+        return ingest(cfg)
 
-    rows = pd.read_parquet(data_dir / "urls.parquet")
-    pixels = [np.asarray(Image.open(data_dir / url).convert("RGB").resize((PIXELS, PIXELS), Image.BOX))
-              for url in rows["url"]]
+
+def load_shards(shards_dir: Path) -> tuple[torch.Tensor, list[str]]:
+    """Image shards -> stand-in latents (pixel-unshuffled 32x32 images) and captions."""
+    samples = wds.WebDataset(sorted(str(p) for p in shards_dir.glob("*.tar")), shardshuffle=False).decode("pil")
+    pixels, captions = [], []
+    for sample in samples:
+        pixels.append(np.asarray(sample["jpg"].convert("RGB").resize((PIXELS, PIXELS), Image.BOX)))
+        captions.append(sample["txt"])
     x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return F.pixel_unshuffle(x, UNSHUFFLE), list(rows["caption"])
+    return F.pixel_unshuffle(x, UNSHUFFLE), captions
 
 
 def to_images(z_BCHW: torch.Tensor) -> list[np.ndarray]:
@@ -111,9 +126,15 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     times, start = {}, time.perf_counter()
     write_demo_dataset(out / "data", args.num_images, seed=args.seed)
-    z_N, captions = load_images(out / "data")
-    times["data"] = time.perf_counter() - start
-    log("data", f"{len(captions)} captioned images -> latents {tuple(z_N.shape[1:])}", start)
+    times["generate"] = time.perf_counter() - start
+    log("generate", f"{args.num_images} captioned scenes in {out / 'data'}", start)
+    t0 = time.perf_counter()
+    ingested = ingest_demo(out / "data", out / "shards", args.num_images)
+    times["ingest"] = time.perf_counter() - t0
+    log("ingest", f"{ingested['downloaded']} images in {ingested['shards']} shards ({ingested['images_per_s']} img/s)",
+        start)
+    z_N, captions = load_shards(out / "shards")
+    log("latents", f"{len(captions)} stand-in latents {tuple(z_N.shape[1:])}", start)
 
     tokenizer = OpenCLIPTokenizer(PRESETS["debug-t2i"].conditioner.text.max_length)
     schedule = NoiseSchedule.from_config(PRESETS["debug-t2i"].schedule)
@@ -140,8 +161,11 @@ def run(args) -> dict:
         "caption_adherence_unconditional": result["unconditional"]["all"],
         "adherence_by_attribute": result, "guidance_scale": args.guidance_scale,
         "train_steps": args.steps, "train_img_s": round(img_s, 1),
-        "loss_first_50": float(np.mean(losses[:50])), "loss_last_50": float(np.mean(losses[-50:])),
+        # mean training loss over the first and the last tenth of the steps
+        "loss_first": float(np.mean(losses[:max(1, len(losses) // 10)])),
+        "loss_last": float(np.mean(losses[-max(1, len(losses) // 10):])),
         "stage_seconds": {k: round(v, 1) for k, v in times.items()},
+        "ingest": {k: ingested[k] for k in ("downloaded", "shards", "images_per_s")},
         "samples": str(out / "samples_guided.png"), "stand_ins": "latents = pixel-unshuffle of 32x32 images",
     }
     (out / "metrics.json").write_text(json.dumps(headline, indent=2))
