@@ -4,8 +4,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.ingest import IngestConfig
+from pipeline.precompute import PrecomputeConfig
 
-SCHEMAS = {"ingest_schema": IngestConfig}
+SCHEMAS = {"ingest_schema": IngestConfig, "precompute_schema": PrecomputeConfig}
 
 
 def register_schemas() -> None:
