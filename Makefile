@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := .install.stamp
 
-.PHONY: install demo test bench-cpu
+.PHONY: install install-slurm demo test bench-cpu
 
 $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet $(TORCH_PINS)
@@ -15,12 +15,16 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The slurm tests start a real one-node cluster; this installs its Debian packages (or says why not).
+install-slurm:
+	scripts/install_slurm.sh
+
 # The embedded demo on CPU: prints a line per stage, last the JSON of its headline figures.
 demo: install
 	HF_HUB_OFFLINE=1 $(PYTHON) -m jobs.demo
 
 # The whole CPU suite; GPU tests skip themselves without CUDA.
-test: install
+test: install install-slurm
 	HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=offline RAY_USAGE_STATS_ENABLED=0 \
 	  $(PYTHON) -m pytest -q
 
