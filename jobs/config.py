@@ -3,10 +3,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from jobs.autoencoder_config import TrainAutoencoderConfig
 from pipeline.ingest import IngestConfig
 from pipeline.precompute import PrecomputeConfig
 
-SCHEMAS = {"ingest_schema": IngestConfig, "precompute_schema": PrecomputeConfig}
+SCHEMAS = {"ingest_schema": IngestConfig, "precompute_schema": PrecomputeConfig,
+           "train_autoencoder_schema": TrainAutoencoderConfig}
 
 
 def register_schemas() -> None:

@@ -10,7 +10,8 @@ from jobs.config import to_dataclass
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Required keys (???) each job's config leaves to the command line, with example values.
 REQUIRED = {"ingest": ["inputs=[urls.parquet]", "output_dir=out"],
-            "precompute": ["input_dir=data/images", "output_dir=data/latents", "autoencoder=models/kl-f8"]}
+            "precompute": ["input_dir=data/images", "output_dir=data/latents", "autoencoder=models/kl-f8"],
+            "train_autoencoder": ["run_dir=runs/ae", "data.path=data/images"]}
 jobs.config.register_schemas()
 
 
