@@ -24,6 +24,7 @@ def init_ray(cfg: RayConfig):
     if cfg.address:
         ray.init(address=cfg.address, log_to_driver=False)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False,
+        # address="local": always a new local cluster, never one that `ray start` left on this machine
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False,
                  object_store_memory=cfg.object_store_mb * 1024 ** 2, _temp_dir=cfg.temp_dir)
     return ray

@@ -135,7 +135,9 @@ TWO_RANK_SCRIPT = textwrap.dedent("""
     assert state["rank"] == info.rank and torch.equal(torch.rand(4), expected)
     names = all_gather_object(latest.name)
     assert names == ["step_00000003"] * 2, names
-    print("rank", info.rank, "ok", sorted(p.name for p in ckpt.complete_dirs()))
+    # one write per line: the two ranks share the pipe, and print() of several values interleaves
+    sys.stdout.write(f"rank {info.rank} ok {sorted(p.name for p in ckpt.complete_dirs())}\\n")
+    sys.stdout.flush()
     cleanup()
 """)
 
