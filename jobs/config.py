@@ -4,11 +4,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jobs.autoencoder_config import TrainAutoencoderConfig
+from jobs.train_config import TrainConfig
 from pipeline.ingest import IngestConfig
 from pipeline.precompute import PrecomputeConfig
 
 SCHEMAS = {"ingest_schema": IngestConfig, "precompute_schema": PrecomputeConfig,
-           "train_autoencoder_schema": TrainAutoencoderConfig}
+           "train_autoencoder_schema": TrainAutoencoderConfig, "train_schema": TrainConfig}
 
 
 def register_schemas() -> None:

@@ -11,6 +11,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 # Required keys (???) each job's config leaves to the command line, with example values.
 REQUIRED = {"ingest": ["inputs=[urls.parquet]", "output_dir=out"],
             "precompute": ["input_dir=data/images", "output_dir=data/latents", "autoencoder=models/kl-f8"],
+            "train": ["data.path=data/latents", "trainer.max_steps=10"],
             "train_autoencoder": ["run_dir=runs/ae", "data.path=data/images"]}
 jobs.config.register_schemas()
 

@@ -1,0 +1,184 @@
+"""The whole LDM training step of jobs.train against a plain diffusers + AdamW step, same run.
+
+Ours: `jobs.train_loop.train_step` + EMA update, i.e. our latent-shard loader (reading real tar
+shards, 1 worker), the DeepSpeed ZeRO-2 engine (1 rank), the text transformer trained jointly,
+classifier-free guidance dropout, Eq. 2 loss, clipping, AdamW, EMA. Peer: diffusers'
+`UNet2DConditionModel` with the same UNet configuration (parameter counts checked equal) plus the
+same text transformer (diffusers has none of its own), plain torch AdamW, the batch already in
+memory. Both alternate rounds in one process. Prints one JSON line: img/s of both, ratio ours/peer
+(>= 1.0: ours as fast), and MFU against a measured matmul peak (FLOPs per image counted once).
+
+    python bench/train_step.py                           # CPU: debug-t2i preset, fp32
+    python bench/train_step.py --gpu                     # 1.45B preset (UNet + text transformer), bf16
+    python bench/train_step.py --gpu --unet-only         # the UNet alone (text encoder frozen, both)
+    python bench/train_step.py --gpu --compile           # both under torch.compile
+"""
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from jobs.checkpointing import CheckpointConfig  # noqa: E402
+from jobs.distributed import free_port  # noqa: E402
+from jobs.metrics import LoggerConfig  # noqa: E402
+from jobs.train_config import ModelConfig, OptimConfig, TrainConfig, TrainerConfig  # noqa: E402
+from jobs.train_loop import setup, train_step  # noqa: E402
+from jobs.train_setup import train_flops_per_image  # noqa: E402
+from ldm.presets import PRESETS, build_conditioner  # noqa: E402
+from pipeline.latent_loader import LatentDataConfig  # noqa: E402
+from pipeline.shards import write_shard  # noqa: E402
+from ldm.attention import heads_and_dim  # noqa: E402
+from unet_step import time_steps  # noqa: E402
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def write_random_latents(folder: Path, preset_name: str, num_samples: int) -> Path:
+    """Random KL moments and token ids in the formats.md layout, 2 shards."""
+    preset, rng = PRESETS[preset_name], np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    channels, size, length = preset.unet.out_channels, preset.latent_size, preset.conditioner.text.max_length
+    for shard in range(2):
+        samples = [{"__key__": f"{shard}_{i:06d}", "txt": b"a caption", "json": b"{}",
+                    "latent.npy": npy_bytes(rng.standard_normal((2 * channels, size, size)).astype(np.float16)),
+                    "tokens.npy": npy_bytes(rng.integers(1, 1000, length).astype(np.int32))}
+                   for i in range(num_samples // 2)]
+        write_shard(folder / f"{shard:05d}.tar", samples)
+    manifest = {"format": "ldm-pipeline/latents", "schema_version": 1, "storage": "moments",
+                "encoder": {"kind": "kl", "config": {}, "sha256": "bench", "source": "bench"},
+                "resolution": 8 * size, "crop": "center", "dtype": "float16", "latent_shape": [channels, size, size],
+                "scale_factor": 0.18215, "scale_factor_source": "config", "num_samples": num_samples // 2 * 2,
+                "shards": [{"name": f"{s:05d}.tar", "count": num_samples // 2, "sha256": "", "source": ""}
+                           for s in range(2)], "skipped": {},
+                "tokenizer": {"kind": "bench", "name_or_path": None, "max_length": length}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def diffusers_peer(cfg, sample_size: int):
+    """diffusers' UNet2DConditionModel with the blocks of our UNetConfig (heads per level as ours)."""
+    from diffusers import UNet2DConditionModel
+
+    widths = [cfg.model_channels * m for m in cfg.channel_mult]
+    attn = [2 ** i in cfg.attention_ds for i in range(len(widths))]
+    heads = tuple(heads_and_dim(w, cfg.num_heads, cfg.num_head_channels)[0] for w in widths)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        block_out_channels=tuple(widths), layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
+        attention_head_dim=heads,  # diffusers' name for the number of heads in SD-1 UNets
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        transformer_layers_per_block=cfg.transformer_depth)
+
+
+def our_config(args, latent_dir: Path, run_dir: Path) -> TrainConfig:
+    return TrainConfig(
+        run_dir=str(run_dir), model=ModelConfig(preset=args.preset, train_text_encoder=not args.unet_only),
+        trainer=TrainerConfig(zero_stage=2, precision=args.precision, max_steps=10**6, compile=args.compile,
+                              device="cuda" if args.gpu else "cpu"),
+        optim=OptimConfig(lr=1e-4), logger=LoggerConfig(mode="disabled", progress_bar=False),
+        data=LatentDataConfig(path=str(latent_dir), batch_size=args.batch, num_workers=1, use_tokens=True,
+                              pin_memory=args.gpu),
+        checkpoint=CheckpointConfig(resume="never"))
+
+
+def our_step(job):
+    def step():
+        train_step(job)
+        job.ema.update()
+    return step
+
+
+def peer_step(args, device: torch.device, batch: dict):
+    """diffusers UNet (+ the same text transformer) with plain AdamW, on an in-memory batch."""
+    preset = PRESETS[args.preset]
+    unet = diffusers_peer(preset.unet, preset.latent_size).to(device)
+    text = build_conditioner(preset.conditioner).to(device).requires_grad_(not args.unet_only)
+    if args.compile:
+        unet = torch.compile(unet)
+    params = [p for m in (unet, text) for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    z_0, tokens = batch["z"].to(device), batch["tokens"].to(device)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=args.precision == "bf16"):
+            t_B = torch.randint(0, 1000, (len(z_0),), device=device)
+            eps = torch.randn_like(z_0)
+            context = text(tokens)
+            out = unet(z_0 + eps, t_B, encoder_hidden_states=context).sample
+            loss = torch.nn.functional.mse_loss(out.float(), eps)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, sum(p.numel() for p in unet.parameters())
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """FLOP/s of an n^3 matmul in `dtype`: the peak MFU is measured against."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    return 2 * n ** 3 / time_steps(lambda: a @ b, 10, device)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu", action="store_true", help="1.45B preset on CUDA, bf16")
+    ap.add_argument("--unet-only", action="store_true", help="text encoder frozen in both")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    args.preset = "ldm-kl8-t2i-1.45b" if args.gpu else "debug-t2i"
+    args.precision = "bf16" if args.gpu else "fp32"
+    args.batch = args.batch or (64 if args.gpu else 16)
+    num_steps = args.steps or (10 if args.gpu else 5)
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())})
+    with tempfile.TemporaryDirectory() as tmp:
+        latent_dir = write_random_latents(Path(tmp) / "latents", args.preset, 8 * args.batch)
+        job = setup(our_config(args, latent_dir, Path(tmp) / "run"))
+        device = job.dist.device
+        steps = {"ours": our_step(job)}
+        steps["peer"], peer_unet_params = peer_step(args, device, next(iter(job.loader)))
+        job.batches = iter(job.loader)  # the peek above superseded the job's iterator
+        ours_unet_params = sum(p.numel() for p in job.engine.module.unet.parameters())
+        if ours_unet_params != peer_unet_params:
+            raise SystemExit(f"UNet configs differ: ours {ours_unet_params}, peer {peer_unet_params}")
+        for step in steps.values():  # warm-up (and compilation)
+            step(), step()
+        seconds = {name: [] for name in steps}
+        for _ in range(args.rounds):
+            for name, step in steps.items():
+                seconds[name].append(time_steps(step, num_steps, device))
+    img_s = {name: args.batch / statistics.median(s) for name, s in seconds.items()}
+    flops = train_flops_per_image(args.preset, not args.unet_only)
+    peak = matmul_peak(device, torch.bfloat16 if args.gpu else torch.float32, 8192 if args.gpu else 1024)
+    print(json.dumps({
+        "bench": "train_step", "device": torch.cuda.get_device_name() if args.gpu else "cpu",
+        "preset": args.preset, "text_encoder": "frozen" if args.unet_only else "joint", "zero_stage": 2,
+        "batch": args.batch, "precision": args.precision, "compiled": args.compile,
+        "ours_img_s": round(img_s["ours"], 2), "peer_img_s": round(img_s["peer"], 2),
+        "ratio": round(img_s["ours"] / img_s["peer"], 3), "train_flops_per_image": flops,
+        "matmul_peak_tflops": round(peak / 1e12, 3), "ours_mfu": round(img_s["ours"] * flops / peak, 4),
+        "peer_mfu": round(img_s["peer"] * flops / peak, 4)}))
+
+
+if __name__ == "__main__":
+    main()

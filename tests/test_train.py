@@ -1,0 +1,317 @@
+"""The LDM training job (issue 6): configs, loss going down, exact resume, NaN skipping, ZeRO 1/2/3 on 2 ranks.
+
+Tiny latent shards in the formats.md layout are written here: 4 smooth 16x16x4 patterns, each with
+its own caption tokens, so that the debug text-to-image model has something learnable in seconds.
+"""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+import jobs.config
+from jobs.checkpointing import TMP_PREFIX, CheckpointManager
+from jobs.config import to_dataclass
+from jobs.distributed import free_port
+from jobs.train_config import TrainConfig
+from jobs.train_loop import NonFiniteLossError, train
+from ldm.presets import PRESETS
+from pipeline.shards import write_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+PRESET = PRESETS["debug-t2i"]
+C, SIZE, L = PRESET.unet.out_channels, PRESET.latent_size, PRESET.conditioner.text.max_length
+NUM_PATTERNS = 4
+jobs.config.register_schemas()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def pattern(index: int) -> np.ndarray:
+    """A smooth [C, SIZE, SIZE] latent: one Gaussian blob per pattern, in a different quadrant."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    cy, cx = 0.25 + 0.5 * (index // 2), 0.25 + 0.5 * (index % 2)
+    blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.02)
+    signs = np.array([1, -1, 1, -1])[:, None, None] * (1 if index % 2 else -1)
+    return (2 * blob[None] * signs - 0.5 * signs).astype(np.float32)
+
+
+def tokens_of(index: int) -> np.ndarray:
+    tokens = np.zeros(L, dtype=np.int32)
+    tokens[:4] = [49406, 320 + index, 1000 + index, 49407]  # <start> two words <end>, then 0-padding
+    return tokens
+
+
+def write_latents(folder: Path, num_samples: int = 64, num_shards: int = 4) -> Path:
+    """moments storage (mean, logvar = -10): z = mean + tiny noise, times scale_factor 1."""
+    folder.mkdir(parents=True, exist_ok=True)
+    per_shard, shards = num_samples // num_shards, []
+    for shard in range(num_shards):
+        samples = []
+        for i in range(shard * per_shard, (shard + 1) * per_shard):
+            mean = pattern(i % NUM_PATTERNS)
+            moments = np.concatenate([mean, np.full_like(mean, -10.0)]).astype(np.float16)
+            samples.append({"__key__": f"{i:08d}", "latent.npy": npy_bytes(moments),
+                            "txt": f"pattern {i % NUM_PATTERNS}".encode(), "json": b"{}",
+                            "tokens.npy": npy_bytes(tokens_of(i % NUM_PATTERNS))})
+        write_shard(folder / f"{shard:05d}.tar", samples)
+        shards.append({"name": f"{shard:05d}.tar", "count": per_shard, "sha256": "", "source": ""})
+    manifest = {"format": "ldm-pipeline/latents", "schema_version": 1,
+                "encoder": {"kind": "kl", "config": {}, "sha256": "test", "source": "test"},
+                "resolution": 8 * SIZE, "crop": "center", "dtype": "float16", "storage": "moments",
+                "latent_shape": [C, SIZE, SIZE], "scale_factor": 1.0, "scale_factor_source": "config",
+                "num_samples": num_samples, "shards": shards, "skipped": {},
+                "tokenizer": {"kind": "openclip", "name_or_path": None, "max_length": L}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory) -> Path:
+    return write_latents(tmp_path_factory.mktemp("latents"))
+
+
+def overrides_for(latent_dir: Path, run_dir: Path, max_steps: int, **extra) -> list[str]:
+    values = {"data.path": latent_dir, "run_dir": run_dir, "trainer.max_steps": max_steps,
+              "trainer.precision": "fp32", "trainer.deterministic": True, "trainer.ema_decay": 0.99,
+              "data.batch_size": 8, "data.num_workers": 0, "optim.lr": 1e-3, "logger.mode": "disabled",
+              "logger.log_every": 1, "logger.image_every": 10**6, "logger.progress_bar": False,
+              "checkpoint.every_steps": 10**6} | extra
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def make_config(overrides: list[str]) -> TrainConfig:
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return to_dataclass(compose("train", overrides=overrides), TrainConfig)
+
+
+@pytest.fixture
+def single_process_env(monkeypatch):
+    """One rank, a fresh port per run: DeepSpeed needs RANK & co. (else it looks for MPI). One
+    intra-op thread: on 2 cores shared with other jobs, 2 threads stall each other (steps seen to take
+    0.2-9 s), 1 thread runs at a steady pace."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield _fresh_env(monkeypatch)
+    torch.set_num_threads(threads)
+
+
+def _fresh_env(monkeypatch):
+    def fresh():
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(free_port())}.items():
+            monkeypatch.setenv(key, value)
+    return fresh
+
+
+def run_train(env, overrides: list[str]) -> int:
+    env()
+    return train(make_config(overrides))
+
+
+def losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records]
+
+
+def final_weights(run_dir: Path) -> tuple[dict, dict]:
+    """(model state of the newest checkpoint, its EMA)."""
+    folder = CheckpointManager(run_dir / "checkpoints").latest()
+    module = torch.load(folder / "deepspeed" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    return module, load_file(str(folder / "ema.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("experiment", ["demo", "t2i-1.45b"])
+def test_experiments_compose_and_validate(experiment):
+    cfg = make_config([f"experiment={experiment}", "data.path=data/latents"])
+    assert cfg.model.preset == {"demo": "debug-t2i", "t2i-1.45b": "ldm-kl8-t2i-1.45b"}[experiment]
+    if experiment == "t2i-1.45b":  # Tab. 15
+        assert (cfg.optim.lr, cfg.trainer.max_steps, cfg.trainer.global_batch_size) == (1e-4, 390_000, 680)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_trainer_groups_set_the_zero_stage(stage):
+    cfg = make_config([f"trainer=zero{stage}", "data.path=x", "trainer.max_steps=1"])
+    assert cfg.trainer.zero_stage == stage
+
+
+@pytest.mark.parametrize("override, key", [("trainer.zero_stage=4", "trainer.zero_stage"),
+                                           ("trainer.precision=fp8", "trainer.precision"),
+                                           ("optim.schedule=step", "optim.schedule"),
+                                           ("model.cond_dropout=1.5", "model.cond_dropout"),
+                                           ("data.use_tokens=false", "data.use_tokens"),
+                                           ("logger.mode=loud", "logger.mode")])
+def test_bad_config_names_the_key(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        make_config(["experiment=demo", "data.path=x", override])
+
+
+def test_missing_required_keys_are_named():
+    with pytest.raises(ValueError, match="max_steps"):
+        make_config(["data.path=x"])
+
+
+def test_global_batch_mismatch_fails_before_training(tmp_path, latents, single_process_env):
+    with pytest.raises(ValueError, match="trainer.global_batch_size"):
+        run_train(single_process_env, overrides_for(latents, tmp_path, 1, **{"trainer.global_batch_size": 680}))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@pytest.mark.slow
+def test_loss_goes_down(tmp_path, latents, single_process_env):
+    run_dir = tmp_path / "run"
+    assert run_train(single_process_env, overrides_for(latents, run_dir, 100, **{"data.batch_size": 16})) == 0
+    values = losses(run_dir)
+    assert len(values) == 100
+    first, last = np.mean(values[:10]), np.mean(values[-10:])
+    assert last < 0.5 * first, (first, last)  # seen: about 1.0 -> 0.1 (eps-MSE starts at E[eps^2] = 1)
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, latents, single_process_env):
+    """2N steps in one run vs N steps, a kill two steps after the checkpoint at N, and resume=auto."""
+    n = 4
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    extra = {"checkpoint.every_steps": n, "optim.warmup_steps": 3, "optim.schedule": "cosine"}
+    assert run_train(single_process_env, overrides_for(latents, straight, 2 * n, **extra)) == 0
+    run_train(single_process_env, overrides_for(latents, split, 2 * n, **extra, **{"trainer.stop_after_steps": n + 2}))
+    assert [p.name for p in CheckpointManager(split / "checkpoints").complete_dirs()] == [f"step_{n:08d}"]
+    assert run_train(single_process_env, overrides_for(latents, split, 2 * n, **extra)) == 0
+    assert losses(split) == losses(straight)  # metrics.jsonl is cut back to step N on resume
+    (model_a, ema_a), (model_b, ema_b) = final_weights(straight), final_weights(split)
+    assert model_a.keys() == model_b.keys() and ema_a.keys() == ema_b.keys()
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert int(ema_b["num_updates"]) == 2 * n
+
+
+def test_cut_off_checkpoint_is_skipped_on_resume(tmp_path, latents, single_process_env):
+    run_dir = tmp_path / "run"
+    assert run_train(single_process_env, overrides_for(latents, run_dir, 4, **{"checkpoint.every_steps": 2})) == 0
+    root = run_dir / "checkpoints"
+    # A save cut off at step 6: its temporary folder has files but no COMPLETE marker and no final name.
+    (root / f"{TMP_PREFIX}step_00000006" / "deepspeed").mkdir(parents=True)
+    (root / "step_00000008").mkdir()  # and a folder without its marker
+    assert CheckpointManager(root).latest().name == "step_00000004"
+    assert run_train(single_process_env, overrides_for(latents, run_dir, 5, **{"checkpoint.every_steps": 2})) == 0
+    assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_nan_batch_is_skipped_and_counted_then_too_many_stop(tmp_path, latents, single_process_env, monkeypatch):
+    import jobs.train_loop as loop
+
+    real_next, calls = next, {"n": 0}
+    poisoned = {3}  # the 3rd micro-batch carries a NaN
+
+    monkeypatch.setattr(loop, "next", lambda it: _poison(real_next(it), calls, poisoned), raising=False)
+    run_dir = tmp_path / "one_nan"
+    assert run_train(single_process_env, overrides_for(latents, run_dir, 5)) == 0
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]  # the NaN batch did not become a step
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert records[-1]["num_nonfinite"] == 1
+    _, ema = final_weights(run_dir)
+    assert all(torch.isfinite(v).all() for v in ema.values())
+
+    calls["n"], poisoned = 0, set(range(3, 100))
+    monkeypatch.setattr(loop, "next", lambda it: _poison(real_next(it), calls, poisoned), raising=False)
+    run_dir = tmp_path / "many_nans"
+    with pytest.raises(NonFiniteLossError, match="non-finite losses in a row"):
+        run_train(single_process_env, overrides_for(latents, run_dir, 10, **{"trainer.max_consecutive_nonfinite": 3}))
+    last_good = CheckpointManager(run_dir / "checkpoints").latest()
+    assert last_good.name == "step_00000002"  # two good steps, then NaNs only
+    model, _ = final_weights(run_dir)
+    assert all(torch.isfinite(v).all() for v in model.values())
+
+
+def _poison(batch: dict, calls: dict, poisoned: set) -> dict:
+    calls["n"] += 1
+    if calls["n"] in poisoned:
+        batch["z"][0, 0, 0, 0] = float("nan")
+    return batch
+
+
+def test_frozen_text_encoder_in_bf16_stays_out_of_the_optimizer(tmp_path, latents, single_process_env):
+    run_dir = tmp_path / "frozen"
+    overrides = overrides_for(latents, run_dir, 2, **{"model.train_text_encoder": False, "trainer.precision": "bf16",
+                                                      "trainer.deterministic": False})
+    assert run_train(single_process_env, overrides) == 0
+    model, ema = final_weights(run_dir)
+    assert not any(k.startswith("conditioner.") for k in list(model) + list(ema))
+    assert any(k.startswith("unet.") for k in ema) and all(np.isfinite(v) for v in losses(run_dir))
+
+
+def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path, latents, single_process_env, monkeypatch):
+    import jobs.train_loop as loop
+    from jobs.checkpointing import PREEMPTED_EXIT_CODE
+
+    calls = {"n": 0}
+
+    def signalling_next(iterator):
+        calls["n"] += 1
+        if calls["n"] == 3:  # SLURM's --signal=B:USR1 arrives during step 3
+            signal.raise_signal(signal.SIGUSR1)
+        return next(iterator)
+
+    monkeypatch.setattr(loop, "next", signalling_next, raising=False)
+    run_dir = tmp_path / "preempted"
+    assert run_train(single_process_env, overrides_for(latents, run_dir, 10)) == PREEMPTED_EXIT_CODE
+    assert CheckpointManager(run_dir / "checkpoints").latest().name == "step_00000003"
+
+
+# ---------------------------------------------------------------------------------------------- 2 ranks
+
+
+def torchrun_train(overrides: list[str], hydra_dir: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "-m", "jobs.train", *overrides, f"hydra.run.dir={hydra_dir}"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_ranks_train_under_zero_stage(tmp_path, latents, stage):
+    """torchrun, 2 CPU ranks (gloo), the text transformer trained jointly in the ZeRO optimizer.
+    6 steps straight vs 4 steps, a stop, and a resume from the checkpoint at 3: identical per-step
+    losses and EMA (gathered whole under ZeRO-3), data position of both ranks restored."""
+    def overrides(run_dir: Path) -> list[str]:
+        return overrides_for(latents, run_dir, 6, **{"trainer": f"zero{stage}", "checkpoint.every_steps": 3,
+                                                     "data.batch_size": 4, "logger.image_every": 6,
+                                                     "trainer.num_samples": 2, "trainer.sample_steps": 2})
+    straight, run_dir = tmp_path / "straight", tmp_path / "resumed"
+    torchrun_train(overrides(straight), tmp_path / "hydra")
+    torchrun_train(overrides(run_dir) + ["trainer.stop_after_steps=4"], tmp_path / "hydra")
+    assert "resumed from" in torchrun_train(overrides(run_dir), tmp_path / "hydra").stdout
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[-1]["images_seen"] == 6 * 2 * 4
+    assert losses(run_dir) == losses(straight)
+    folder = CheckpointManager(run_dir / "checkpoints").latest()
+    assert folder.name == "step_00000006"
+    assert {p.name for p in folder.glob("rank_*.pt")} == {"rank_00000.pt", "rank_00001.pt"}
+    ema, ema_straight = (load_file(str(CheckpointManager(d / "checkpoints").latest() / "ema.safetensors"))
+                         for d in (run_dir, straight))
+    assert int(ema["num_updates"]) == 6
+    assert ema["conditioner.token_embedding.weight"].shape == (49408, 64)  # whole, also under ZeRO-3
+    assert all(torch.equal(ema[k], ema_straight[k]) for k in ema)
+    assert (run_dir / "images" / "samples_00000006.png").is_file()
