@@ -14,16 +14,16 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from ldm.ae_config import AUTOENCODER_PRESETS  # noqa: E402
 from ldm.autoencoder import AutoencoderKL  # noqa: E402
 from ldm.convert_vae import autoencoder_to_diffusers, diffusers_vae_config  # noqa: E402
+from unet_step import time_steps  # noqa: E402  (one timing loop for every bench)
 
 KL_WEIGHT = 1e-6
 
@@ -67,16 +67,6 @@ def make_step(model, loss_fn, x, device, dtype):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
-
-
-def time_steps(step, num_steps: int, device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(num_steps):
-        step()
-    sync()
-    return (time.perf_counter() - start) / num_steps
 
 
 def main():
