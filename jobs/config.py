@@ -1,4 +1,11 @@
-"""Hydra glue shared by every job: schemas into the ConfigStore, config -> validated dataclass."""
+"""Hydra glue shared by every job: schemas into the ConfigStore, config -> validated dataclass,
+and `hydra_main`, the `main()` of every `python -m jobs.<name>` module."""
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -8,6 +15,7 @@ from jobs.train_config import TrainConfig
 from pipeline.ingest import IngestConfig
 from pipeline.precompute import PrecomputeConfig
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SCHEMAS = {"ingest_schema": IngestConfig, "precompute_schema": PrecomputeConfig,
            "train_autoencoder_schema": TrainAutoencoderConfig, "train_schema": TrainConfig}
 
@@ -31,3 +39,22 @@ def to_dataclass(cfg: DictConfig, schema: type):
     if not isinstance(obj, schema):
         raise ValueError(f"config is not a {schema.__name__}; compose it with the {schema.__name__} schema")
     return obj
+
+
+def hydra_main(config_name: str, schema: type, job: Callable[[Any], Any]) -> Callable[[], None]:
+    """A job module's `main()`: compose conf/<config_name>.yaml with the command line's overrides,
+    validate it into `schema` (bad configs fail here, before any work), run `job` on it.
+
+    A dict result is printed as one JSON line (the job's summary); an int result is the exit code.
+    """
+    register_schemas()
+
+    @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        result = job(to_dataclass(cfg, schema))
+        if isinstance(result, dict):
+            print(json.dumps(result), flush=True)
+        elif isinstance(result, int) and result:
+            sys.exit(result)
+
+    return main

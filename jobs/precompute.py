@@ -5,27 +5,10 @@ Image shards -> latent shards + manifest.json with a frozen autoencoder: our fol
 AutoencoderKL folder or hub id, or a CompVis checkpoint (then also `autoencoder_preset=kl-f8`).
 `ray.address=auto` joins a running cluster (the SLURM template starts one); a rerun skips finished shards.
 """
-import json
-
-import hydra
-from omegaconf import DictConfig
-
-from jobs.config import register_schemas, to_dataclass
+from jobs.config import hydra_main
 from pipeline.precompute import PrecomputeConfig, precompute
 
-register_schemas()
-
-
-def run(cfg: DictConfig) -> dict:
-    summary = precompute(to_dataclass(cfg, PrecomputeConfig))
-    print(json.dumps(summary))
-    return summary
-
-
-@hydra.main(config_path="../conf", config_name="precompute", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
+main = hydra_main("precompute", PrecomputeConfig, precompute)
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-import jobs.precompute
+from jobs.config import register_schemas, to_dataclass
 from ldm.ae_config import AUTOENCODER_PRESETS
 from ldm.autoencoder import DiagonalGaussian, build_autoencoder
 from ldm.tokenizers import OpenCLIPTokenizer
@@ -34,6 +34,7 @@ pytestmark = pytest.mark.slow
 RES = 32                   # debug presets: f = 4, latents 8 x 8
 NUM_KILL_SHARDS = 8
 CONF = Path(__file__).resolve().parents[1] / "conf"
+register_schemas()
 
 
 def _jpeg(image: Image.Image) -> bytes:
@@ -234,7 +235,7 @@ def test_vq_run_from_the_hydra_job_with_tokens_and_random_crops(ray_cluster, ima
                  f"resolution={RES}", "crop=random", "seed=5", "batch_size=8", "tokenizer.kind=openclip",
                  "tokenizer.max_length=16"]
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        summary = jobs.precompute.run(compose("precompute", overrides=overrides))
+        summary = precompute(to_dataclass(compose("precompute", overrides=overrides), PrecomputeConfig))
     manifest = read_manifest(tmp_path / "out")
     assert (manifest["storage"], manifest["latent_shape"], manifest["crop"]) == ("latents", [4, 8, 8], "random")
     assert (manifest["scale_factor"], manifest["scale_factor_source"]) == (1.0, "config")  # VQ: unscaled
