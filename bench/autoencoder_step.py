@@ -12,7 +12,6 @@ JSON line: img/s of both and the ratio ours / peer (>= 1.0: ours is at least as 
 """
 import argparse
 import json
-import statistics
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,7 +22,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from ldm.ae_config import AUTOENCODER_PRESETS  # noqa: E402
 from ldm.autoencoder import AutoencoderKL  # noqa: E402
 from ldm.convert_vae import autoencoder_to_diffusers, diffusers_vae_config  # noqa: E402
-from unet_step import time_steps  # noqa: E402  (one timing loop for every bench)
+from timing import img_per_s  # noqa: E402
 
 KL_WEIGHT = 1e-6
 
@@ -94,13 +93,7 @@ def main():
         raise SystemExit(f"models differ: {counts} parameters, reconstructions differ by {max_diff}")
     steps = {"ours": make_step(ours, ours_loss, x, device, dtype),
              "peer": make_step(peer, peer_loss, x, device, dtype)}
-    for step in steps.values():  # warm-up
-        step(), step()
-    seconds = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            seconds[name].append(time_steps(step, num_steps, device))
-    img_s = {name: batch_size / statistics.median(s) for name, s in seconds.items()}
+    img_s = img_per_s(steps, batch_size, num_steps, args.rounds, device)
     print(json.dumps({
         "bench": "autoencoder_step", "device": torch.cuda.get_device_name() if args.gpu else "cpu",
         "config": preset, "image_size": size, "batch": batch_size, "dtype": str(dtype).removeprefix("torch."),

@@ -17,7 +17,6 @@ import argparse
 import io
 import json
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -37,7 +36,7 @@ from ldm.presets import PRESETS, build_conditioner  # noqa: E402
 from pipeline.latent_loader import LatentDataConfig  # noqa: E402
 from pipeline.shards import write_shard  # noqa: E402
 from ldm.attention import heads_and_dim  # noqa: E402
-from unet_step import time_steps  # noqa: E402
+from timing import img_per_s, matmul_peak  # noqa: E402
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -128,14 +127,6 @@ def peer_step(args, device: torch.device, batch: dict):
     return step, sum(p.numel() for p in unet.parameters())
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int) -> float:
-    """FLOP/s of an n^3 matmul in `dtype`: the peak MFU is measured against."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    return 2 * n ** 3 / time_steps(lambda: a @ b, 10, device)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="1.45B preset on CUDA, bf16")
@@ -161,13 +152,7 @@ def main():
         ours_unet_params = sum(p.numel() for p in job.engine.module.unet.parameters())
         if ours_unet_params != peer_unet_params:
             raise SystemExit(f"UNet configs differ: ours {ours_unet_params}, peer {peer_unet_params}")
-        for step in steps.values():  # warm-up (and compilation)
-            step(), step()
-        seconds = {name: [] for name in steps}
-        for _ in range(args.rounds):
-            for name, step in steps.items():
-                seconds[name].append(time_steps(step, num_steps, device))
-    img_s = {name: args.batch / statistics.median(s) for name, s in seconds.items()}
+        img_s = img_per_s(steps, args.batch, num_steps, args.rounds, device)
     flops = train_flops_per_image(args.preset, not args.unet_only)
     peak = matmul_peak(device, torch.bfloat16 if args.gpu else torch.float32, 8192 if args.gpu else 1024)
     print(json.dumps({

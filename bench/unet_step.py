@@ -10,16 +10,15 @@ Prints one JSON line: img/s of both and the ratio ours / peer (>= 1.0 means ours
 """
 import argparse
 import json
-import statistics
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from ldm.unet import UNet, UNetConfig  # noqa: E402
+from timing import img_per_s, matmul_peak  # noqa: E402
 
 CPU_CONFIG = UNetConfig(4, 4, 64, (1, 2, 4), 1, (2, 4), num_heads=4, context_dim=128)
 
@@ -60,16 +59,6 @@ def make_step(model, forward, batch, device, dtype):
     return step
 
 
-def time_steps(step, num_steps: int, device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(num_steps):
-        step()
-    sync()
-    return (time.perf_counter() - start) / num_steps
-
-
 def flops_per_image(model, forward, batch) -> float:
     """Training FLOPs per image (forward + backward) counted by torch.utils.flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -78,16 +67,6 @@ def flops_per_image(model, forward, batch) -> float:
         forward(model, *batch).float().sum().backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch[0].shape[0]
-
-
-def matmul_peak(device, dtype) -> float:
-    """FLOP/s of a bf16 8192^3 matmul, the peak MFU is measured against."""
-    n = 8192
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    seconds = time_steps(lambda: a @ b, 20, device)
-    return 2 * n ** 3 / seconds
 
 
 def ours_forward(model, x, t, context):
@@ -125,13 +104,7 @@ def main():
         ours, peer = torch.compile(ours), torch.compile(peer)
     steps = {"ours": make_step(ours, ours_forward, batch, device, dtype),
              "peer": make_step(peer, peer_forward, batch, device, dtype)}
-    for step in steps.values():  # warm-up (and compilation)
-        step(), step()
-    seconds = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            seconds[name].append(time_steps(step, num_steps, device))
-    img_s = {name: batch_size / statistics.median(s) for name, s in seconds.items()}
+    img_s = img_per_s(steps, batch_size, num_steps, args.rounds, device)
     result = {"bench": "unet_step", "device": torch.cuda.get_device_name() if args.gpu else "cpu",
               "config": "ldm-kl8-t2i-1.45b" if args.gpu else "cpu-small", "batch": batch_size,
               "latent": [cfg.in_channels, size, size], "dtype": str(dtype).removeprefix("torch."),
@@ -139,7 +112,7 @@ def main():
               "ours_img_s": round(img_s["ours"], 2), "peer_img_s": round(img_s["peer"], 2),
               "ratio": round(img_s["ours"] / img_s["peer"], 3)}
     if flops is not None:
-        peak = matmul_peak(device, dtype)
+        peak = matmul_peak(device, dtype, 8192)
         result |= {"train_flops_per_image": flops, "matmul_peak_tflops": round(peak / 1e12, 1),
                    "ours_mfu": round(img_s["ours"] * flops / peak, 3), "peer_mfu": round(img_s["peer"] * flops / peak, 3)}
     print(json.dumps(result))
