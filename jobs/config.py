@@ -11,13 +11,17 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jobs.autoencoder_config import TrainAutoencoderConfig
+from jobs.sample_config import SampleConfig
 from jobs.train_config import TrainConfig
 from pipeline.ingest import IngestConfig
+from pipeline.ldm_export import ExportConfig
 from pipeline.precompute import PrecomputeConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SCHEMAS = {"ingest_schema": IngestConfig, "precompute_schema": PrecomputeConfig,
-           "train_autoencoder_schema": TrainAutoencoderConfig, "train_schema": TrainConfig}
+           "train_autoencoder_schema": TrainAutoencoderConfig, "train_schema": TrainConfig,
+           "sample_schema": SampleConfig,
+           "export_schema": ExportConfig}
 
 
 def register_schemas() -> None:

@@ -27,11 +27,16 @@ def _check(checks: list[tuple[bool, str]]) -> None:
 @dataclass
 class ModelConfig:
     preset: str = "debug-t2i"          # a key of ldm.presets.PRESETS
-    train_text_encoder: bool = True    # True: tau_theta trained jointly (Eq. 3), in the same ZeRO optimizer
+    train_text_encoder: bool = True    # True: tau_theta (text transformer or class embedding) trained jointly
+    #                                    (Eq. 3), in the same ZeRO optimizer; False: frozen
     cond_dropout: float = 0.1          # classifier-free guidance: empty condition with this probability
     objective: str | None = None       # None: the preset's (eps, Eq. 2); "v" for v-prediction
     loss_type: str | None = None       # None: the preset's (l2 / l1)
     min_snr_gamma: float | None = None
+    # The frozen text encoder whose stored context the UNet reads (data.use_context=true): filled from the
+    # latents' manifest at start-up (pipeline.text_encoder_io identity), so checkpoints name what a sampler
+    # must rebuild. Set by hand (+model.text_encoder.sha256=...), latents of another encoder are refused.
+    text_encoder: dict = field(default_factory=dict)
 
     def __post_init__(self):
         _check([(self.preset in PRESETS, f"model.preset={self.preset!r}: choose one of {sorted(PRESETS)}"),
@@ -118,11 +123,30 @@ class TrainConfig:
     plan: PlanOptions = field(default_factory=PlanOptions)
 
     def __post_init__(self):
-        kind = self.model.conditioner_kind
-        _check([(kind in ("text", "none"),
-                 f"model.preset={self.model.preset!r} has a {kind!r} conditioner; jobs.train reads latents with "
-                 f"captions/tokens only: choose a text-to-image or unconditional preset"),
-                (kind != "text" or self.data.use_tokens,
+        kind, data = self.model.conditioner_kind, self.data
+        preset = f"model.preset={self.model.preset!r}"
+        _check([(kind in ("text", "class", "none"),
+                 f"{preset} has a {kind!r} conditioner; jobs.train reads latents with tokens, a stored context or "
+                 f"class labels: choose a text-to-image, class-conditional or unconditional preset"),
+                (kind != "text" or data.use_tokens or data.use_context,
                  "the preset's text transformer reads token ids: set data.use_tokens=true (latents precomputed "
-                 "with a tokenizer)"),
+                 "with a tokenizer), or data.use_context=true model.train_text_encoder=false (latents precomputed "
+                 "with a frozen text encoder)"),
+                (not data.use_context or kind == "text",
+                 f"data.use_context=true feeds a text context to cross-attention; {preset} has a {kind!r} "
+                 f"conditioner: choose a text-to-image preset or set data.use_context=false"),
+                (not (data.use_context and self.model.train_text_encoder),
+                 "data.use_context=true: the stored context comes from a frozen text encoder, there is no text "
+                 "encoder to train; set model.train_text_encoder=false"),
+                (kind != "class" or data.use_labels,
+                 f"{preset} is class-conditional: set data.label_key=<the metadata key holding the class index> "
+                 f"or data.classes_file=<classes.txt, one class name per line, matched to captions>"),
                 (self.trainer.zero_stage == 0 or self.data.batch_size > 0, "data.batch_size must be positive")])
+
+    @property
+    def condition_key(self) -> str | None:
+        """The batch entry the model is conditioned on (its tau_theta input y), None if unconditional."""
+        kind = self.model.conditioner_kind
+        if kind == "text":
+            return "context" if self.data.use_context else "tokens"
+        return "label" if kind == "class" else None

@@ -23,6 +23,7 @@ from jobs.train_ema import TrainEMA
 from jobs.train_samples import Sampler, build_sampler, sample_grid
 from jobs.train_setup import Models, autocast, build_engine, build_models, peak_flops, train_flops_per_image
 from ldm.diffusion import diffusion_loss
+from ldm.presets import PRESETS
 from pipeline.latent_loader import LatentLoader
 
 EMA_FILE, CONFIG_FILE, DEEPSPEED_TAG = "ema.safetensors", "config.yaml", "deepspeed"
@@ -56,7 +57,7 @@ class Job:
     peak_flops: float | None
     sampler: Sampler | None = None
     batches: object = None     # iter(loader)
-    last_tokens: torch.Tensor | None = None
+    last_condition: torch.Tensor | None = None  # the last batch's tau_theta input: prompts of the sample grid
 
 
 def micro_batch_generator(seed: int, rank: int, batch_index: int, device: torch.device) -> torch.Generator:
@@ -67,18 +68,28 @@ def micro_batch_generator(seed: int, rank: int, batch_index: int, device: torch.
 
 def condition(job: Job, batch: dict, generator: torch.Generator) -> torch.Tensor | None:
     """What TrainModule gets as `cond`, with classifier-free guidance dropout: each sample's
-    condition becomes the empty one ("" tokens) with probability model.cond_dropout."""
+    condition y (tokens [B, L], class label [B] or stored context [B, L, D]) becomes the empty one
+    ("" tokens, the null class, the context of "") with probability model.cond_dropout."""
     encoder = job.models.frozen_conditioner or job.engine.module.conditioner
     if encoder is None:
         return None
     device = job.dist.device
-    tokens_BL = batch["tokens"].to(device)
-    drop_B = torch.rand(len(tokens_BL), generator=generator, device=device) < job.cfg.model.cond_dropout
-    tokens_BL = torch.where(drop_B[:, None], encoder.null_condition(len(tokens_BL)), tokens_BL)
+    y = batch[job.cfg.condition_key].to(device)
+    if job.cfg.condition_key == "label":
+        _check_labels(y, job.models.preset.conditioner.num_classes, job.cfg.model.preset)
+    drop_B = torch.rand(len(y), generator=generator, device=device) < job.cfg.model.cond_dropout
+    y = torch.where(drop_B.view(-1, *[1] * (y.ndim - 1)), encoder.null_condition(len(y)), y)
     if job.models.frozen_conditioner is None:
-        return tokens_BL  # encoded inside the engine: tau_theta trained jointly (Eq. 3)
+        return y  # encoded inside the engine: tau_theta trained jointly (Eq. 3)
     with torch.no_grad(), autocast(job.cfg.trainer.precision, device):
-        return encoder(tokens_BL)
+        return encoder(y)
+
+
+def _check_labels(labels_B: torch.Tensor, num_classes: int, preset: str) -> None:
+    """Class ids must lie below num_classes: id num_classes is the null class of guidance dropout."""
+    if labels_B.numel() and int(labels_B.max()) >= num_classes:
+        raise ValueError(f"class label {int(labels_B.max())} in the data, model.preset={preset!r} has {num_classes} "
+                         f"classes (0..{num_classes - 1}): choose a preset with more classes or fix the labels")
 
 
 def train_step(job: Job) -> dict[str, float]:
@@ -116,7 +127,7 @@ def train_step(job: Job) -> dict[str, float]:
         engine.step()          # clips, steps AdamW and the LR schedule at the accumulation boundary
         losses.append(loss.detach())
         state.images_seen += len(z_0) * job.dist.world_size
-    job.last_tokens = batch.get("tokens")
+    job.last_condition = batch.get(cfg.condition_key) if cfg.condition_key else None
     grad_norm = engine.get_global_grad_norm()
     return {"loss_local": torch.stack(losses).mean(), "data_wait_s": wait_s,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
@@ -127,8 +138,11 @@ def setup(cfg: TrainConfig) -> Job:
     _check_global_batch(cfg, dist_info.world_size)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     loader = LatentLoader(cfg.data, rank=dist_info.rank, world_size=dist_info.world_size)
-    models = build_models(cfg, dist_info.device)
-    _check_data(cfg, loader, models)
+    _check_data(cfg, loader)
+    if cfg.data.use_context:
+        models = build_models(cfg, dist_info.device, null_context_LD=loader.null_context())
+    else:
+        models = build_models(cfg, dist_info.device)
     engine = build_engine(cfg, models.module, dist_info.world_size)
     ema = TrainEMA(engine.module, cfg.trainer.ema_decay)
     run_dir = Path(cfg.run_dir)
@@ -140,8 +154,9 @@ def setup(cfg: TrainConfig) -> Job:
         print0(f"resumed from {resume_from} at step {state.step}")
     metrics = Metrics(cfg.logger, run_dir, config=asdict(cfg), is_main=dist_info.is_main,
                       total_steps=cfg.trainer.max_steps, start_step=state.step)
+    context_length = cfg.model.text_encoder["max_length"] if cfg.data.use_context else None
     job = Job(cfg, dist_info, models, engine, ema, loader, ckpt, metrics, state,
-              train_flops_per_image(cfg.model.preset, cfg.model.train_text_encoder),
+              train_flops_per_image(cfg.model.preset, cfg.model.train_text_encoder, context_length),
               peak_flops(cfg.trainer.peak_tflops, dist_info.device))
     if dist_info.is_main:
         job.sampler = build_sampler(cfg, models, loader.manifest["scale_factor"], dist_info.device)
@@ -157,14 +172,35 @@ def _check_global_batch(cfg: TrainConfig, world_size: int) -> None:
                          f"{world_size} ranks = {batch}: change data.batch_size or trainer.grad_accum_steps")
 
 
-def _check_data(cfg: TrainConfig, loader: LatentLoader, models: Models) -> None:
-    preset = models.preset
-    loader.check_compatible(latent_channels=preset.unet.out_channels, latent_size=preset.latent_size)
+def _check_data(cfg: TrainConfig, loader: LatentLoader) -> None:
+    """The latents fit the model (pipeline.latent_manifest.check_compatible) and its condition: token
+    length, stored-context width (whose text encoder cfg.model.text_encoder then records), classes."""
+    preset = PRESETS[cfg.model.preset]
+    context_dim = preset.unet.context_dim if cfg.data.use_context else None
+    loader.check_compatible(latent_channels=preset.unet.out_channels, latent_size=preset.latent_size,
+                            context_dim=context_dim)
     tokenizer = loader.manifest.get("tokenizer")
-    if preset.conditioner.kind == "text" and tokenizer["max_length"] != preset.conditioner.text.max_length:
+    if cfg.condition_key == "tokens" and tokenizer["max_length"] != preset.conditioner.text.max_length:
         raise ValueError(f"{cfg.data.path} has tokens of length {tokenizer['max_length']}, model.preset="
                          f"{cfg.model.preset!r} reads {preset.conditioner.text.max_length}: rerun jobs.precompute "
                          f"with that tokenizer max_length or choose a matching preset")
+    if cfg.data.use_context:
+        _record_text_encoder(cfg, loader.manifest["text_encoder"])
+    if loader.classes is not None and len(loader.classes) > preset.conditioner.num_classes:
+        raise ValueError(f"data.classes_file={cfg.data.classes_file!r} names {len(loader.classes)} classes, "
+                         f"model.preset={cfg.model.preset!r} has {preset.conditioner.num_classes}: choose a preset "
+                         f"with enough classes")
+
+
+def _record_text_encoder(cfg: TrainConfig, text_encoder: dict) -> None:
+    """Checkpoints keep the resolved config: name the frozen text encoder a sampler must run on prompts."""
+    pinned = cfg.model.text_encoder
+    if pinned and pinned.get("sha256") != text_encoder["sha256"]:
+        raise ValueError(f"model.text_encoder names weights sha256 {str(pinned.get('sha256'))[:12]}..., the latents "
+                         f"in {cfg.data.path} were made with {text_encoder['sha256'][:12]}... "
+                         f"({text_encoder['kind']} {text_encoder.get('arch') or text_encoder.get('name_or_path')}): "
+                         f"use latents of that encoder or unset model.text_encoder")
+    cfg.model.text_encoder = dict(text_encoder)
 
 
 def save_checkpoint(job: Job) -> None:
@@ -218,7 +254,7 @@ def _memory_bytes(device: torch.device) -> int:
 
 def log_samples(job: Job) -> None:
     generator = torch.Generator(job.dist.device).manual_seed(job.cfg.seed)
-    images = sample_grid(job.cfg, job.models, job.ema, job.sampler, job.last_tokens, generator)
+    images = sample_grid(job.cfg, job.models, job.ema, job.sampler, job.last_condition, generator)
     if images is not None:
         job.metrics.log_images(job.state.step, "samples", images, num_columns=min(8, len(images)))
 

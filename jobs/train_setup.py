@@ -42,6 +42,22 @@ class TrainModule(nn.Module):
         return self.unet(z_t_BCHW, t_B, context)
 
 
+class StoredContext(nn.Module):
+    """tau_theta(y) that jobs.precompute already ran (a frozen text encoder, KEY.context.npy): the batch
+    holds the context [B, L, D] itself, so this "encoder" is the identity, and its null condition is
+    the stored context of the empty caption (null_context.npy) that guidance dropout trains with."""
+
+    def __init__(self, null_context_LD: torch.Tensor):
+        super().__init__()
+        self.register_buffer("null_context_LD", null_context_LD.float(), persistent=False)
+
+    def forward(self, context_BLD: torch.Tensor) -> torch.Tensor:
+        return context_BLD
+
+    def null_condition(self, batch_size: int) -> torch.Tensor:
+        return self.null_context_LD.expand(batch_size, -1, -1)
+
+
 @dataclass
 class Models:
     module: TrainModule                    # trainable: goes into the DeepSpeed engine
@@ -50,12 +66,19 @@ class Models:
     schedule: NoiseSchedule
 
 
-def build_models(cfg: TrainConfig, device: torch.device) -> Models:
-    """The preset's UNet and conditioner (the first stage is not needed: we train on latents)."""
+def build_models(cfg: TrainConfig, device: torch.device, null_context_LD: torch.Tensor | None = None) -> Models:
+    """The preset's UNet and conditioner (the first stage is not needed: we train on latents).
+
+    With data.use_context the preset's text encoder is not built: the latents hold a frozen text
+    encoder's output, and `null_context_LD` (that encoder's context of "") is the empty condition.
+    """
     preset = PRESETS[cfg.model.preset]
     unet, conditioner = UNet(preset.unet), build_conditioner(preset.conditioner)
     frozen = None
-    if conditioner is not None and not cfg.model.train_text_encoder:
+    if cfg.data.use_context:
+        assert null_context_LD is not None, "the stored context needs its null condition"
+        frozen, conditioner = StoredContext(null_context_LD).to(device), None
+    elif conditioner is not None and not cfg.model.train_text_encoder:
         frozen, conditioner = conditioner.requires_grad_(False).eval().to(device), None
     if cfg.trainer.activation_checkpointing:
         apply_activation_checkpointing(unet)
@@ -131,18 +154,21 @@ def build_engine(cfg: TrainConfig, module: TrainModule, world_size: int):
     return engine
 
 
-def train_flops_per_image(preset_name: str, train_text_encoder: bool = True) -> int:
+def train_flops_per_image(preset_name: str, train_text_encoder: bool = True,
+                          context_length: int | None = None) -> int:
     """Forward + backward FLOPs of one training image, counted once on the meta device (no memory).
 
-    The frozen-encoder case still counts its forward; attention FLOPs come from the SDPA rules
-    of torch.utils.flop_counter.
+    The frozen-encoder case still counts its forward; a context stored by precompute (its length
+    given as `context_length`) costs no encoder at all, nor does a class embedding (a table lookup).
+    Attention FLOPs come from the SDPA rules of torch.utils.flop_counter.
     """
     preset = PRESETS[preset_name]
+    runs_encoder = preset.conditioner.kind == "text" and not context_length
     with torch.device("meta"):
-        module = TrainModule(UNet(preset.unet), build_conditioner(preset.conditioner))
+        module = TrainModule(UNet(preset.unet), build_conditioner(preset.conditioner) if runs_encoder else None)
         channels, size = preset.unet.in_channels, preset.latent_size
         z_t, t_B = torch.randn(1, channels, size, size), torch.zeros(1, dtype=torch.long)
-        cond = _meta_condition(preset)
+        cond = _meta_condition(preset, context_length)
     counter = FlopCounterMode(display=False)
     with counter:
         module(z_t, t_B, cond).float().square().mean().backward()
@@ -152,12 +178,14 @@ def train_flops_per_image(preset_name: str, train_text_encoder: bool = True) -> 
     return int(total)
 
 
-def _meta_condition(preset: LDMPreset) -> torch.Tensor | None:
-    if preset.conditioner.kind == "text":
+def _meta_condition(preset: LDMPreset, context_length: int | None) -> torch.Tensor | None:
+    """What TrainModule's forward gets: tokens for the text encoder, else the context the UNet reads."""
+    kind, context_dim = preset.conditioner.kind, preset.unet.context_dim
+    if kind == "text" and context_length:
+        return torch.zeros(1, context_length, context_dim)
+    if kind == "text":
         return torch.zeros(1, preset.conditioner.text.max_length, dtype=torch.long)
-    if preset.conditioner.kind == "class":
-        return torch.zeros(1, dtype=torch.long)
-    return None
+    return torch.zeros(1, 1, context_dim) if kind == "class" else None  # a class is a one-token context
 
 
 def _conditioner_backward_flops(conditioner: nn.Module, cond: torch.Tensor) -> int:

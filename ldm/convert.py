@@ -8,6 +8,7 @@ hands to `UNet2DConditionModel.from_config` / `AutoencoderKL.from_config` /
     ldm/convert_compvis.py  CompVis checkpoints: split / join, LitEma names, strict loading
     ldm/convert_unet.py     UNet <-> UNet2DConditionModel (SD-style cross-attention UNets)
     ldm/convert_vae.py      KL autoencoder <-> AutoencoderKL
+    ldm/convert_bert.py     the released text encoder (x-transformers BERTEmbedder) <-> TextTransformer
 
 Exporting a text-to-image model to diffusers (issue 8). A diffusers *pipeline* folder needs a
 text encoder diffusers knows (CLIP / T5); the paper's tau_theta is a transformer trained jointly
@@ -23,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from ldm.autoencoder import AutoencoderKL
+from ldm.convert_bert import XT_PREFIX, text_transformer_from_xtransformers, text_transformer_to_xtransformers
 from ldm.convert_compvis import (COMPVIS_PREFIXES, compvis_ema_to_unet, first_stage_weights,
                                  join_compvis_state_dict, load_into, split_compvis_state_dict,
                                  unet_to_compvis_ema)
@@ -36,8 +38,9 @@ from ldm.unet import UNet
 __all__ = ["COMPVIS_PREFIXES", "DiffusersPart", "autoencoder_from_diffusers", "autoencoder_to_diffusers",
            "check_diffusers_unet", "check_diffusers_vae", "compvis_ema_to_unet", "diffusers_export_parts",
            "diffusers_scheduler_config", "diffusers_unet_config", "diffusers_vae_config", "first_stage_weights",
-           "join_compvis_state_dict", "load_into", "split_compvis_state_dict", "unet_from_diffusers",
-           "unet_to_compvis_ema", "unet_to_diffusers"]
+           "join_compvis_state_dict", "load_into", "split_compvis_state_dict", "text_transformer_from_xtransformers",
+           "text_transformer_to_xtransformers", "unet_from_diffusers", "unet_to_compvis_ema", "unet_to_diffusers",
+           "XT_PREFIX"]
 
 # Our objective names -> diffusers' `prediction_type`.
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}

@@ -7,9 +7,9 @@ A released LDM / Stable Diffusion checkpoint (`ckpt["state_dict"]`) stores
     model_ema.*               EMA copies of the UNet weights, under LitEma's flattened names
 and, unprefixed, the buffers of the DDPM wrapper (betas, alphas_cumprod, ..., scale_factor).
 Our autoencoders and UNet use the CompVis parameter names, so loading them is prefix
-handling. Conditioners load only where our module matches the released one (the class
-embedding); the paper's jointly trained text transformer is ours, not the x-transformers
-`BERTEmbedder`, so its `cond_stage_model.*` keys are our own names.
+handling. The class embedding loads as it is; the paper's text transformer is stored as the
+x-transformers `BERTEmbedder` (`cond_stage_model.transformer.*`), which ldm/convert_bert.py maps
+to and from our `TextTransformer`.
 
 Pure functions of state dicts: the caller reads the file (`torch.load(..., weights_only=True)`
 or safetensors) and passes the tensors in.

@@ -11,15 +11,22 @@ returns; the model is fed x_t in x_T's dtype, and x_0 is returned in x_T's dtype
 `clip_x0 = c` clamps the predicted x_0 to [-c, c] and recomputes eps from it, so that
 (x_0, eps) stay consistent with x_t (x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps) and DDIM with
 eta = 1 remains the DDPM posterior even with clipping.
+
+`generator` is one torch.Generator for the whole batch, or a sequence of one generator per sample:
+then sample i's noise at every stochastic step is drawn from generator i alone (on that
+generator's device, then moved to x_T's), so a sample does not depend on which other samples
+share its batch, nor on the batch size.
 """
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from ldm.diffusion import Model, check_objective, x0_eps_from_output
 from ldm.schedules import NoiseSchedule
+
+Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per sample
 
 # Adams-Bashforth weights on (eps_t, eps_{t+1}, eps_{t+2}, eps_{t+3}), newest first: PNDM's pseudo
 # linear multistep, order by how much history there is.
@@ -71,8 +78,11 @@ def _denoise(model: Model, x_t: Tensor, t: int, schedule: NoiseSchedule, objecti
     return _clip(x0, eps, x_t, alpha_bar_t, clip_x0)
 
 
-def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+def _noise_like(x: Tensor, generator: Generators) -> Tensor:
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    noise = [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generator]
+    return torch.stack(noise).to(x.device)
 
 
 def ddim_sigma(alpha_bar_t: float, alpha_bar_prev: float, eta: float) -> float:
@@ -81,7 +91,7 @@ def ddim_sigma(alpha_bar_t: float, alpha_bar_prev: float, eta: float) -> float:
 
 
 def _ddim_update(x0: Tensor, eps: Tensor, alpha_bar_prev: float, sigma: float,
-                 generator: torch.Generator | None) -> Tensor:
+                 generator: Generators) -> Tensor:
     """DDIM Eq. 12: x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z."""
     direction = math.sqrt(max(1.0 - alpha_bar_prev - sigma**2, 0.0))
     x_prev = math.sqrt(alpha_bar_prev) * x0 + direction * eps
@@ -90,24 +100,27 @@ def _ddim_update(x0: Tensor, eps: Tensor, alpha_bar_prev: float, sigma: float,
     return x_prev
 
 
-def _check_common(x_T: Tensor, objective: str, clip_x0: float | None):
+def _check_common(x_T: Tensor, objective: str, clip_x0: float | None, generator: Generators):
     check_objective(objective)
     if clip_x0 is not None and clip_x0 <= 0:
         raise ValueError(f"clip_x0={clip_x0}: set a positive bound (e.g. 1.0) or None")
     if x_T.ndim < 2:
         raise ValueError(f"x_T has shape {tuple(x_T.shape)}: pass a batch [B, C, ...]")
+    if not (generator is None or isinstance(generator, torch.Generator)) and len(generator) != x_T.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {x_T.shape[0]}: pass one per sample "
+                         "(or a single generator)")
 
 
 @torch.no_grad()
 def sample_ddpm(model: Model, x_T: Tensor, schedule: NoiseSchedule, *, num_steps: int, objective: str = "eps",
                 clip_x0: float | None = None, eta: float = 1.0,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: Generators = None) -> Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Eq. 6-7): z_s ~ q(z_s | z_t, x0_hat), variance beta_tilde.
 
     With num_steps < T the chain is respaced: the posterior uses beta_{t->s} = 1 - ab_t / ab_s
     (Nichol & Dhariwal 2021, Sec. 4). Only eta = 1 (the posterior variance) is defined here.
     """
-    _check_common(x_T, objective, clip_x0)
+    _check_common(x_T, objective, clip_x0, generator)
     if eta != 1.0:
         raise ValueError(f"eta={eta}: DDPM samples the posterior (eta=1); use sample_ddim for other eta")
     x = x_T.float()
@@ -125,10 +138,10 @@ def sample_ddpm(model: Model, x_T: Tensor, schedule: NoiseSchedule, *, num_steps
 @torch.no_grad()
 def sample_ddim(model: Model, x_T: Tensor, schedule: NoiseSchedule, *, num_steps: int, objective: str = "eps",
                 clip_x0: float | None = None, eta: float = 0.0,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: Generators = None) -> Tensor:
     """DDIM (Song et al. 2021, Eq. 12 with sigma from Eq. 16); eta = 0 is deterministic, the
     LDM paper's default sampler; eta = 1 is DDPM's posterior in distribution."""
-    _check_common(x_T, objective, clip_x0)
+    _check_common(x_T, objective, clip_x0, generator)
     if eta < 0:
         raise ValueError(f"eta={eta}: set eta >= 0 (0 deterministic, 1 DDPM-like)")
     x = x_T.float()
@@ -149,7 +162,7 @@ def _adams_bashforth(eps: Tensor, eps_history: list[Tensor]) -> Tensor:
 @torch.no_grad()
 def sample_plms(model: Model, x_T: Tensor, schedule: NoiseSchedule, *, num_steps: int, objective: str = "eps",
                 clip_x0: float | None = None, eta: float = 0.0,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: Generators = None) -> Tensor:
     """PLMS: pseudo linear multistep (Liu et al. 2022, PNDM) as the LDM code uses it.
 
     The first step is a pseudo improved Euler step (a trial DDIM step, a second model call
@@ -157,7 +170,7 @@ def sample_plms(model: Model, x_T: Tensor, schedule: NoiseSchedule, *, num_steps
     order 2, 3, 4 and take a deterministic DDIM step with it (PNDM's transfer part, Eq. 9).
     Deterministic, so eta must be 0 and the generator is unused.
     """
-    _check_common(x_T, objective, clip_x0)
+    _check_common(x_T, objective, clip_x0, generator)
     if eta != 0.0:
         raise ValueError(f"eta={eta}: PLMS is deterministic; set eta=0 or use sample_ddim")
     x = x_T.float()

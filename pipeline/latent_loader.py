@@ -13,7 +13,12 @@ How a rank's batches are defined (all pure functions of the config, rank and wor
 Hence the number of batches the caller consumed fixes the position of the rank and of each of its
 workers; `state_dict()` records it (plus what the order depends on) and `load_state_dict()` restarts
 every worker right after the last consumed batch. Batches prefetched but not consumed are made again.
+
+What a batch holds besides z follows the model's condition y (Sec. 3.3): token ids for a text
+transformer trained jointly, a frozen text encoder's stored context, or a class label, read from
+each sample's metadata (`label_key`) or looked up from its caption in a classes.txt (`classes_file`).
 """
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.latent_manifest import check_compatible
+from pipeline.latent_manifest import check_compatible, missing_context_message
 from pipeline.latent_reader import EpochOrder, ShardReader, draw_eps, load_manifest, load_npy, sample_z
 
 STATE_FORMAT = "ldm-pipeline/latent-loader"
@@ -44,6 +49,8 @@ class LatentDataConfig:
     drop_last: bool = True             # equal full batches on every rank; False pads ranks and ends short
     use_tokens: bool = False           # batch["tokens"] from KEY.tokens.npy (trained text encoder)
     use_context: bool = False          # batch["context"] from KEY.context.npy (frozen text encoder)
+    label_key: str | None = None       # batch["label"] from this key of KEY.json (class-conditional models)
+    classes_file: str | None = None    # or batch["label"] = line of the caption in this classes.txt
     scale_factor: float | None = None  # None: the manifest's (App. G)
     prefetch_factor: int = 2           # batches each worker keeps ready
     pin_memory: bool = False
@@ -56,10 +63,31 @@ class LatentDataConfig:
                    f"data.shuffle_window_shards must be >= 0 (0 = full shuffle), got {self.shuffle_window_shards}"),
                   (self.scale_factor is None or self.scale_factor > 0,
                    f"data.scale_factor must be positive or null (use the manifest's), got {self.scale_factor}"),
-                  (self.prefetch_factor > 0, f"data.prefetch_factor must be positive, got {self.prefetch_factor}")]
+                  (self.prefetch_factor > 0, f"data.prefetch_factor must be positive, got {self.prefetch_factor}"),
+                  (not (self.label_key and self.classes_file),
+                   f"data.label_key={self.label_key!r} and data.classes_file={self.classes_file!r} are both set: set "
+                   "one to null (label_key reads labels from the metadata, classes_file from the captions)")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def use_labels(self) -> bool:
+        return bool(self.label_key or self.classes_file)
+
+
+def read_classes(path: str) -> list[str]:
+    """Class names of a classes.txt, one per line: line i (from 0) names class i."""
+    if not Path(path).is_file():
+        raise ValueError(f"data.classes_file={path!r} does not exist: point it at a text file with one class "
+                         "name per line (line i names class i)")
+    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    blank = [i for i, name in enumerate(names) if not name]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if blank or duplicates:
+        raise ValueError(f"data.classes_file={path!r}: blank lines {blank} / repeated names {duplicates}; "
+                         "each line must name one class, once")
+    return names
 
 
 @dataclass(frozen=True)
@@ -93,12 +121,15 @@ class RankPlan:
 class LatentBatches(IterableDataset):
     """Infinite stream of one rank's batches from batch `start_batch` on, split over workers."""
 
-    def __init__(self, cfg: LatentDataConfig, manifest: dict, plan: RankPlan, start_batch: int):
+    def __init__(self, cfg: LatentDataConfig, manifest: dict, plan: RankPlan, start_batch: int,
+                 classes: list[str] | None = None):
         super().__init__()
         self.cfg, self.manifest, self.plan, self.start_batch = cfg, manifest, plan, start_batch
         self.counts = [shard["count"] for shard in manifest["shards"]]
         self.scale_factor = cfg.scale_factor if cfg.scale_factor is not None else manifest["scale_factor"]
+        self.class_index = None if classes is None else {name: i for i, name in enumerate(classes)}
         self.exts = ("latent.npy", "txt") + ("tokens.npy",) * cfg.use_tokens + ("context.npy",) * cfg.use_context
+        self.exts += ("json",) * bool(cfg.label_key)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -132,7 +163,24 @@ class LatentBatches(IterableDataset):
             out["tokens"] = load_npy(files["tokens.npy"])
         if self.cfg.use_context:
             out["context"] = load_npy(files["context.npy"])
+        if self.cfg.use_labels:
+            out["label"] = self.label(files, out["caption"], f"{reader.names[shard]}: sample {key!r}")
         return out
+
+    def label(self, files: dict[str, bytes], caption: str, where: str) -> int:
+        """The class index y of a sample: its caption's line in classes.txt, or its metadata's label_key."""
+        if self.class_index is not None:
+            if caption.strip() not in self.class_index:
+                raise ValueError(f"{where} has caption {caption!r}, which is no line of data.classes_file="
+                                 f"{self.cfg.classes_file!r}: add it there or read labels with data.label_key")
+            return self.class_index[caption.strip()]
+        meta = json.loads(files["json"])
+        value = meta.get(self.cfg.label_key) if isinstance(meta, dict) else None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{where}: its metadata (KEY.json) has {value!r} under data.label_key="
+                             f"{self.cfg.label_key!r}, not a class index >= 0; set data.label_key to the key that "
+                             f"holds the class, or use data.classes_file")
+        return value
 
     def check_shape(self, stored: np.ndarray, key: str, shard: int) -> None:
         channels, *size = self.manifest["latent_shape"]
@@ -143,8 +191,8 @@ class LatentBatches(IterableDataset):
                              f"rerun jobs.precompute")
 
     def collate(self, samples: list[dict], sample_ids: np.ndarray, epoch: int) -> dict:
-        """z `[B, C, h, w]` float32, caption and key lists, sample_id `[B]`; tokens `[B, L]` int64 and
-        context `[B, L, D]` float32 when configured."""
+        """z `[B, C, h, w]` float32, caption and key lists, sample_id `[B]`; tokens `[B, L]` int64,
+        context `[B, L, D]` float32 and label `[B]` int64 when configured."""
         stored = torch.from_numpy(np.stack([s["stored"] for s in samples]))
         eps = None
         if self.manifest["storage"] == "moments":
@@ -159,6 +207,8 @@ class LatentBatches(IterableDataset):
                     raise ValueError(f"{name}.npy shapes differ within a batch ({sorted(shapes)}); "
                                      f"precompute must pad {name} to one length")
                 batch[name] = torch.from_numpy(np.stack([s[name] for s in samples])).to(dtype)
+        if self.cfg.use_labels:
+            batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.int64)
         return batch
 
 
@@ -175,6 +225,7 @@ class LatentLoader:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.manifest = load_manifest(cfg.path)
         self._check_manifest_has_fields()
+        self.classes = read_classes(cfg.classes_file) if cfg.classes_file else None
         self.plan = RankPlan(self.manifest["num_samples"], rank, world_size, cfg.batch_size, cfg.drop_last)
         if self.plan.batches_per_epoch == 0:
             raise ValueError(f"{cfg.path} has {self.plan.num_samples} samples, fewer than world_size x "
@@ -193,11 +244,19 @@ class LatentLoader:
         return self.batches_consumed // self.plan.batches_per_epoch
 
     def check_compatible(self, *, latent_channels: int, latent_size: int | tuple,
-                         encoder_sha256: str | None = None) -> None:
-        """ValueError unless the latents fit the model (channels, size) and, if given, the encoder
-        (pipeline.latent_manifest.check_compatible); the job calls it before training."""
+                         encoder_sha256: str | None = None, context_dim: int | None = None) -> None:
+        """ValueError unless the latents fit the model (channels, size, the width of a stored context
+        it reads) and, if given, the encoder (pipeline.latent_manifest.check_compatible); the job calls
+        it before training."""
         check_compatible(self.manifest, latent_channels=latent_channels, latent_size=latent_size,
-                         encoder_sha256=encoder_sha256)
+                         encoder_sha256=encoder_sha256, context_dim=context_dim)
+
+    def null_context(self) -> torch.Tensor:
+        """The stored context of the empty caption [L, D] float32: classifier-free guidance's null condition."""
+        path = Path(self.cfg.path) / self.manifest["text_encoder"]["null_context"]
+        if not path.is_file():
+            raise ValueError(f"{path} is missing: rerun jobs.precompute (it writes the file before any shard)")
+        return torch.from_numpy(load_npy(path.read_bytes()).astype(np.float32))
 
     def __iter__(self) -> Iterator[dict]:
         """Batches from the current position on, forever. A newer `iter()` or `load_state_dict()`
@@ -206,7 +265,7 @@ class LatentLoader:
         return self._batches(self._generation, self.batches_consumed)
 
     def _batches(self, generation: int, start_batch: int) -> Iterator[dict]:
-        source = self._source(LatentBatches(self.cfg, self.manifest, self.plan, start_batch))
+        source = self._source(LatentBatches(self.cfg, self.manifest, self.plan, start_batch, self.classes))
         try:
             for batch in source:
                 if generation != self._generation:
@@ -267,3 +326,5 @@ class LatentLoader:
         if self.cfg.use_tokens and self.manifest.get("tokenizer") is None:
             raise ValueError(f"data.use_tokens=true but {self.cfg.path} was precomputed without a tokenizer: "
                              f"set data.use_tokens=false or rerun jobs.precompute with a tokenizer")
+        if self.cfg.use_context and self.manifest.get("text_encoder") is None:
+            raise ValueError("data.use_context=true but " + missing_context_message(self.cfg.path))

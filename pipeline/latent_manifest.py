@@ -27,8 +27,11 @@ STORAGE_KINDS = ("moments", "latents")  # KL: [mean, logvar] of q(z|x); VQ: pre-
 
 def build_manifest(*, encoder: dict, resolution: int, crop: str, dtype: str, latent_shape: list[int],
                    scale_factor: float, scale_factor_source: str, shards: list[dict],
-                   tokenizer: dict | None) -> dict:
-    """The manifest of formats.md from the per-shard stats (`name, count, sha256, source, skipped`)."""
+                   tokenizer: dict | None, text_encoder: dict | None = None) -> dict:
+    """The manifest of formats.md from the per-shard stats (`name, count, sha256, source, skipped`).
+
+    `text_encoder`: None, or the frozen text encoder of KEY.context.npy (pipeline.text_encoder_io
+    identity plus "max_length" L and "null_context", the file of the empty caption's context)."""
     storage = "moments" if encoder["kind"] == "kl" else "latents"
     skipped = {reason: sum(s["skipped"].get(reason, 0) for s in shards) for reason in SKIP_REASONS}
     kept = [{k: s[k] for k in ("name", "count", "sha256", "source")} for s in shards if s["count"] > 0]
@@ -37,7 +40,8 @@ def build_manifest(*, encoder: dict, resolution: int, crop: str, dtype: str, lat
             "resolution": resolution, "crop": crop, "dtype": dtype, "storage": storage,
             "latent_shape": list(latent_shape), "scale_factor": scale_factor,
             "scale_factor_source": scale_factor_source, "num_samples": sum(s["count"] for s in kept),
-            "shards": sorted(kept, key=lambda s: s["name"]), "skipped": skipped, "tokenizer": tokenizer}
+            "shards": sorted(kept, key=lambda s: s["name"]), "skipped": skipped, "tokenizer": tokenizer,
+            "text_encoder": text_encoder}
 
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
@@ -64,11 +68,12 @@ def _size_hw(latent_size: int | tuple[int, int] | list[int]) -> list[int]:
 
 
 def check_compatible(manifest: dict, *, latent_channels: int, latent_size: int | tuple[int, int],
-                     encoder_sha256: str | None) -> None:
+                     encoder_sha256: str | None, context_dim: int | None = None) -> None:
     """Raise ValueError naming every difference between the latents and what the training config expects.
 
     `latent_channels` / `latent_size` are the UNet's input channels and the latent side (or (h, w));
-    `encoder_sha256` is the identity of the autoencoder the model will decode with (None: not checked).
+    `encoder_sha256` is the identity of the autoencoder the model will decode with (None: not checked);
+    `context_dim` is the UNet's cross-attention width when it reads the stored context (None: not read).
     """
     channels, height, width = manifest["latent_shape"]
     encoder = manifest["encoder"]
@@ -85,8 +90,28 @@ def check_compatible(manifest: dict, *, latent_channels: int, latent_size: int |
     if encoder_sha256 is not None and encoder_sha256 != encoder["sha256"]:
         problems.append(f"encoder: the latents were made by {made_by}, the training config's autoencoder has "
                         f"sha256 {encoder_sha256[:12]}...; use that autoencoder or re-run precompute with yours")
+    if context_dim is not None:
+        problems += _context_problems(manifest.get("text_encoder"), context_dim)
     if problems:
         raise ValueError("latents do not match the training config:\n  " + "\n  ".join(problems))
+
+
+def missing_context_message(where: str) -> str:
+    return (f"{where} was precomputed without a frozen text encoder (no KEY.context.npy): rerun jobs.precompute "
+            "with text_encoder.kind=openclip (text_encoder.arch=..., text_encoder.pretrained=...) or "
+            "text_encoder.kind=hf_clip (text_encoder.name_or_path=...), or set data.use_context=false")
+
+
+def _context_problems(text_encoder: dict | None, context_dim: int) -> list[str]:
+    if text_encoder is None:
+        return ["context: " + missing_context_message("the latent folder")]
+    if text_encoder["width"] != context_dim:
+        name = text_encoder.get("arch") or text_encoder.get("name_or_path")
+        return [f"context width: the stored context is {text_encoder['width']} wide (text encoder "
+                f"{text_encoder['kind']} {name}), the UNet's context_dim is {context_dim}; choose a model.preset "
+                f"with unet.context_dim={text_encoder['width']} or rerun jobs.precompute with a text encoder of "
+                f"width {context_dim}"]
+    return []
 
 
 def _npy(data: bytes) -> np.ndarray:
@@ -96,14 +121,16 @@ def _npy(data: bytes) -> np.ndarray:
 def iter_latent_samples(latent_dir: str | Path) -> Iterator[dict]:
     """Every sample of a latent folder in manifest order, decoded: for tests and inspection.
 
-    Yields {"key", "shard", "latent" (np [2C|C, h, w]), "caption", "meta" (dict), "tokens" (np or None)}.
+    Yields {"key", "shard", "latent" (np [2C|C, h, w]), "caption", "meta" (dict), "tokens" and "context"
+    (np or None)}.
     """
     latent_dir = Path(latent_dir)
     for shard in read_manifest(latent_dir)["shards"]:
         for sample in iter_samples(latent_dir / shard["name"]):
             yield {"key": sample["__key__"], "shard": shard["name"], "latent": _npy(sample["latent.npy"]),
                    "caption": sample["txt"].decode("utf-8"), "meta": json.loads(sample["json"]),
-                   "tokens": _npy(sample["tokens.npy"]) if "tokens.npy" in sample else None}
+                   "tokens": _npy(sample["tokens.npy"]) if "tokens.npy" in sample else None,
+                   "context": _npy(sample["context.npy"]) if "context.npy" in sample else None}
 
 
 def estimate_scale_factor(latents: Iterable[np.ndarray], storage: str, num_samples: int, seed: int = 0) -> float:

@@ -9,6 +9,10 @@ Encoding every image once, before training, is what makes latent diffusion cheap
    `num_cpu_encoders` CPU actors on a cluster without GPUs), then writes the shard atomically;
 3. writes manifest.json: encoder identity, per-shard counts, skipped samples by reason and the
    latent scale factor (App. G: the autoencoder's own, or 1 / std of the latents).
+With `text_encoder.kind` set, the encoder actors also run a frozen text encoder (OpenCLIP or HF
+CLIP) on the tokenized captions and each sample keeps its context [L, D] (KEY.context.npy); the
+folder gets `null_context.npy`, the context of the empty caption that classifier-free guidance
+trains with, and the manifest names the encoder (pipeline.text_encoder_io) and its tokenizer.
 
 Exactly once: output shards are a pure function of their input shard and the settings, written
 under a temp name and renamed, then marked finished; a rerun skips finished shards. A killed
@@ -35,9 +39,12 @@ from ldm.ae_config import latent_shape
 from ldm.tokenizers import TOKENIZER_KINDS, build_tokenizer
 from pipeline.autoencoder_io import load_autoencoder
 from pipeline.latent_manifest import build_manifest, estimate_scale_factor, write_manifest
-from pipeline.precompute_core import CROPS, ImagePolicy, encode_batch, process_shard, read_finished, shard_paths
+from pipeline.precompute_core import (CROPS, ImagePolicy, encode_batch, encode_text_batch, process_shard,
+                                      read_finished, shard_paths)
 from pipeline.ray_cluster import RayConfig, init_ray
 from pipeline.shards import atomic_write_json, iter_samples
+from pipeline.text_encoder_io import (TextEncoderConfig, load_text_encoder, load_text_encoder_for_latents,
+                                      write_null_context)
 
 ENCODE_DTYPES = {"auto": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGE_DTYPES = ("float16", "float32")
@@ -71,7 +78,9 @@ class PrecomputeConfig:
     num_scale_samples: int = 1000
     max_retries: int = 3              # Ray retries of a dead shard task, restarts of a dead encoder
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # KEY.context.npy when set
     ray: RayConfig = field(default_factory=RayConfig)
+    fail_once_marker: str | None = None  # tests only: the shard task that creates this file dies mid-shard
 
     def __post_init__(self):
         checks = [(bool(self.input_dir), "set input_dir to the folder of image shards (jobs.ingest's output_dir)"),
@@ -91,23 +100,50 @@ class PrecomputeConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self._check_tokenizer_matches_text_encoder()
+
+    def _check_tokenizer_matches_text_encoder(self) -> None:
+        tok = self.tokenizer
+        if not (self.text_encoder.kind and tok.kind):
+            return
+        implied = self.text_encoder.tokenizer(tok.max_length)
+        if (tok.kind, tok.name_or_path) != (implied["kind"], implied["name_or_path"]):
+            raise ValueError(f"tokenizer.kind={tok.kind} tokenizer.name_or_path={tok.name_or_path} is not the "
+                             f"tokenizer of text_encoder.kind={self.text_encoder.kind} (kind={implied['kind']}, "
+                             f"name_or_path={implied['name_or_path']}): unset tokenizer.kind, the text encoder "
+                             "implies its own tokenizer")
+
+    def resolved_tokenizer(self) -> dict | None:
+        """The tokenizer of KEY.tokens.npy (and of the text encoder's input), as the manifest records it."""
+        if self.text_encoder.kind:
+            return self.text_encoder.tokenizer(self.tokenizer.max_length)
+        return dataclasses.asdict(self.tokenizer) if self.tokenizer.kind else None
+
+
+def _check_unchanged(what: str, found: str, expected: str) -> None:
+    if found != expected:
+        raise ValueError(f"the {what} changed while precompute ran (sha256 {found[:12]}..., the driver loaded "
+                         f"{expected[:12]}...)")
 
 
 class EncoderWorker:
-    """The frozen first stage on one device, as a Ray actor (one per GPU, or on CPUs).
+    """The frozen first stage (and text encoder, if any) on one device, as a Ray actor (one per GPU, or on CPUs).
 
-    Each actor loads the autoencoder itself (the cluster shares the file system that holds the
-    shards) and checks that it is the one the driver loaded; so a restarted actor needs nothing
-    from the object store.
+    Each actor loads the encoders itself (the cluster shares the file system that holds the
+    shards) and checks that they are the ones the driver loaded (`expected_sha256`: "autoencoder",
+    "text_encoder"); so a restarted actor needs nothing from the object store.
     """
 
-    def __init__(self, cfg: PrecomputeConfig, expected_sha256: str):
+    def __init__(self, cfg: PrecomputeConfig, expected_sha256: dict[str, str | None]):
         model, _, identity = load_autoencoder(cfg.autoencoder, cfg.autoencoder_preset, cfg.autoencoder_subfolder)
-        if identity["sha256"] != expected_sha256:
-            raise ValueError(f"the autoencoder at {cfg.autoencoder} changed while precompute ran (sha256 "
-                             f"{identity['sha256'][:12]}..., the driver loaded {expected_sha256[:12]}...)")
+        _check_unchanged(f"autoencoder at {cfg.autoencoder}", identity["sha256"], expected_sha256["autoencoder"])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device)
+        self.text_encoder = None
+        if cfg.text_encoder.kind:
+            text_encoder, text_identity = load_text_encoder(cfg.text_encoder)
+            _check_unchanged("text encoder", text_identity["sha256"], expected_sha256["text_encoder"])
+            self.text_encoder = text_encoder.to(self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.cpu_encoder_threads)
         else:
@@ -120,16 +156,19 @@ class EncoderWorker:
     def encode(self, images_B3HW: np.ndarray) -> np.ndarray:
         return encode_batch(self.model, images_B3HW, autocast_dtype=self.autocast_dtype, out_dtype=self.out_dtype)
 
+    def encode_text(self, tokens_BL: np.ndarray) -> np.ndarray:
+        return encode_text_batch(self.text_encoder, tokens_BL, autocast_dtype=self.autocast_dtype)
+
     def pid(self) -> int:
         return os.getpid()
 
 
-def actor_encoder(ray, encoders: list, first: int, window: int):
-    """`encode_chunks` over Ray actors: round-robin from `first`, at most `window` batches in flight."""
+def actor_encoder(ray, encoders: list, first: int, window: int, method: str = "encode"):
+    """`encode_chunks` over Ray actors' `method`: round-robin from `first`, at most `window` batches in flight."""
     def encode_chunks(chunks):
         pending = collections.deque()
         for i, chunk in enumerate(chunks):
-            pending.append(encoders[(first + i) % len(encoders)].encode.remote(chunk))
+            pending.append(getattr(encoders[(first + i) % len(encoders)], method).remote(chunk))
             if len(pending) >= window:
                 yield ray.get(pending.popleft())
         while pending:
@@ -137,17 +176,38 @@ def actor_encoder(ray, encoders: list, first: int, window: int):
     return encode_chunks
 
 
+def _dies_once(encode_chunks, marker: str):
+    """Test hook (`fail_once_marker`): the first shard task to create `marker` ends its worker process
+    with os._exit once its second batch is encoded, as a worker killed mid-shard; Ray retries the task."""
+    def encode(chunks):
+        for i, encoded in enumerate(encode_chunks(chunks)):
+            if i == 1:
+                try:
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    os._exit(1)
+                except FileExistsError:
+                    pass
+            yield encoded
+    return encode
+
+
 def _shard_task(source: str, cfg: PrecomputeConfig, encoders: list, first: int) -> dict:
     import ray
 
-    tok = cfg.tokenizer
-    tokenize = build_tokenizer(tok.kind, tok.name_or_path, tok.max_length) if tok.kind else None
+    tok = cfg.resolved_tokenizer()
+    tokenize = build_tokenizer(tok["kind"], tok["name_or_path"], tok["max_length"]) if tok else None
     policy = ImagePolicy(cfg.resolution, cfg.crop, cfg.seed)
     encode_chunks = actor_encoder(ray, encoders, first, cfg.max_inflight_batches)
-    return process_shard(Path(source), Path(cfg.output_dir), policy, cfg.batch_size, encode_chunks, tokenize)
+    if cfg.fail_once_marker:
+        encode_chunks = _dies_once(encode_chunks, cfg.fail_once_marker)
+    encode_text = None
+    if cfg.text_encoder.kind:
+        encode_text = actor_encoder(ray, encoders, first, cfg.max_inflight_batches, method="encode_text")
+    return process_shard(Path(source), Path(cfg.output_dir), policy, cfg.batch_size, encode_chunks, tokenize,
+                         encode_text)
 
 
-def start_encoders(ray, cfg: PrecomputeConfig, encoder_sha256: str, run_id: str) -> list:
+def start_encoders(ray, cfg: PrecomputeConfig, encoder_sha256: dict[str, str | None], run_id: str) -> list:
     """One actor per GPU of the cluster, else `num_cpu_encoders` CPU actors; named `{run_id}-encoder-{i}`."""
     num_gpus = int(ray.cluster_resources().get("GPU", 0))
     resources = {"num_gpus": 1, "num_cpus": 1} if num_gpus else {"num_cpus": cfg.cpu_encoder_threads}
@@ -156,7 +216,7 @@ def start_encoders(ray, cfg: PrecomputeConfig, encoder_sha256: str, run_id: str)
             for i in range(num_gpus or cfg.num_cpu_encoders)]
 
 
-def run_shards(ray, cfg: PrecomputeConfig, todo: list[Path], encoder_sha256: str) -> list[dict]:
+def run_shards(ray, cfg: PrecomputeConfig, todo: list[Path], encoder_sha256: dict[str, str | None]) -> list[dict]:
     """One retried Ray task per shard, progress bar over samples; returns the new shards' stats."""
     from tqdm import tqdm
 
@@ -186,12 +246,13 @@ def input_shards(cfg: PrecomputeConfig) -> list[Path]:
     return shards
 
 
-def check_settings(cfg: PrecomputeConfig, identity: dict) -> None:
+def check_settings(cfg: PrecomputeConfig, identity: dict, text_identity: dict | None) -> None:
     """A rerun must use the settings the finished shards were made with (else they would mix);
     before any shard is finished, new settings replace the old ones."""
     settings = {"input_dir": str(Path(cfg.input_dir).resolve()), "encoder_sha256": identity["sha256"],
                 "resolution": cfg.resolution, "crop": cfg.crop, "seed": cfg.seed, "dtype": cfg.dtype,
-                "tokenizer": dataclasses.asdict(cfg.tokenizer)}
+                "tokenizer": cfg.resolved_tokenizer() or dataclasses.asdict(cfg.tokenizer),
+                "text_encoder": text_identity}
     path = Path(cfg.output_dir) / "_work" / "settings.json"
     if path.is_file() and any(path.parent.glob("[0-9]*.json")):
         before = json.loads(path.read_text())
@@ -244,16 +305,22 @@ def precompute(cfg: PrecomputeConfig) -> dict:
         raise ValueError(f"resolution={cfg.resolution}: set it to a multiple of the autoencoder's downsampling "
                          f"factor f={ae_cfg.downsample_factor}")
     shape = latent_shape(ae_cfg, cfg.resolution, cfg.resolution)
-    if cfg.tokenizer.kind:  # a bad tokenizer name fails here, not in every shard task
-        build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.name_or_path, cfg.tokenizer.max_length)
-    check_settings(cfg, identity)
+    tok = cfg.resolved_tokenizer()  # a bad tokenizer name fails here, not in every shard task
+    tokenize = build_tokenizer(tok["kind"], tok["name_or_path"], tok["max_length"]) if tok else None
+    text_model, text_encoder = None, None
+    if cfg.text_encoder.kind:  # loaded on the driver too: a bad spec fails here, before Ray starts
+        text_model, text_encoder = load_text_encoder_for_latents(cfg.text_encoder, cfg.tokenizer.max_length)
+    check_settings(cfg, identity, text_encoder)
+    if text_model is not None:
+        write_null_context(cfg.output_dir, text_model, tokenize)
+        del text_model  # the actors load their own copy
     todo = [p for p in inputs if read_finished(cfg.output_dir, p.name) is None]
-    new = run_shards(init_ray(cfg.ray), cfg, todo, identity["sha256"]) if todo else []
+    shas = {"autoencoder": identity["sha256"], "text_encoder": text_encoder and text_encoder["sha256"]}
+    new = run_shards(init_ray(cfg.ray), cfg, todo, shas) if todo else []
     stats = [read_finished(cfg.output_dir, p.name) for p in inputs]
     scale_factor, scale_source = resolve_scale_factor(cfg, identity, stats)
-    tokenizer = dataclasses.asdict(cfg.tokenizer) if cfg.tokenizer.kind else None
     manifest = build_manifest(encoder=identity, resolution=cfg.resolution, crop=cfg.crop, dtype=cfg.dtype,
                               latent_shape=list(shape), scale_factor=scale_factor, scale_factor_source=scale_source,
-                              shards=stats, tokenizer=tokenizer)
+                              shards=stats, tokenizer=tok, text_encoder=text_encoder)
     write_manifest(cfg.output_dir, manifest)
     return summarize(new, manifest, len(inputs), time.perf_counter() - start)

@@ -5,6 +5,8 @@ cropped to a square and resized to the training resolution, and the images go to
 first stage in batches through `encode_chunks`, a function from an iterator of uint8 batches
 [B, 3, R, R] to an iterator of encoder outputs in the same order. Tests pass a local one
 (`local_encoder`); `pipeline.precompute` passes one that sends the batches to encoder actors.
+Captions are tokenized and, with a frozen text encoder, sent the same way (`encode_text`: token
+batches [B, L] -> contexts [B, L, D]).
 
 The output is written as `OUT/NAME.tar` under a temp name and renamed (pipeline.shards), then
 `OUT/_work/NAME.json` (the shard's stats) marks it finished. Every choice per sample (the random
@@ -189,6 +191,18 @@ def encode_batch(model: torch.nn.Module, images_B3HW: np.ndarray, *, autocast_dt
     return moments.to(getattr(torch, out_dtype)).cpu().numpy()  # cast on the device: half the copy for fp16
 
 
+@torch.inference_mode()
+def encode_text_batch(encoder: torch.nn.Module, tokens_BL: np.ndarray, *,
+                      autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+    """tau_theta(y) of a frozen text encoder for token ids [B, L]: the context [B, L, D] as float16
+    (formats.md KEY.context.npy), what the UNet's cross-attention reads (Eq. 3)."""
+    device = next(encoder.parameters()).device
+    tokens_BL = torch.from_numpy(np.asarray(tokens_BL, dtype=np.int64)).to(device)
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        context_BLD = encoder(tokens_BL)
+    return context_BLD.to(torch.float16).cpu().numpy()
+
+
 def local_encoder(model: torch.nn.Module, autocast_dtype: torch.dtype | None = None,
                   out_dtype: str = "float16") -> EncodeChunks:
     """`encode_chunks` that runs `model` in this process."""
@@ -198,36 +212,65 @@ def local_encoder(model: torch.nn.Module, autocast_dtype: torch.dtype | None = N
     return encode_chunks
 
 
+def local_text_encoder(encoder: torch.nn.Module, autocast_dtype: torch.dtype | None = None) -> EncodeChunks:
+    """`encode_text` (token chunks [B, L] -> contexts [B, L, D]) that runs `encoder` in this process."""
+    def encode_text(chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        for chunk in chunks:
+            yield encode_text_batch(encoder, chunk, autocast_dtype=autocast_dtype)
+    return encode_text
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
 
 
-def latent_samples(kept: list[Decoded], latents: list[np.ndarray], tokens: np.ndarray | None) -> Iterator[dict]:
-    """The output shard's samples (formats.md): KEY.latent.npy, KEY.txt, KEY.json [, KEY.tokens.npy]."""
+def latent_samples(kept: list[Decoded], latents: list[np.ndarray], tokens: np.ndarray | None,
+                   contexts: list[np.ndarray] | None = None) -> Iterator[dict]:
+    """The output shard's samples (formats.md): KEY.latent.npy, KEY.txt, KEY.json [, KEY.tokens.npy]
+    [, KEY.context.npy]."""
     for i, (decoded, latent) in enumerate(zip(kept, latents, strict=True)):
         sample = {"__key__": decoded.key, "latent.npy": _npy_bytes(latent), "txt": decoded.caption.encode("utf-8"),
                   "json": json.dumps(decoded.meta, sort_keys=True).encode("utf-8")}
         if tokens is not None:
             sample["tokens.npy"] = _npy_bytes(tokens[i].astype(np.int32))
+        if contexts is not None:
+            sample["context.npy"] = _npy_bytes(contexts[i])
         yield sample
 
 
+def encode_captions(kept: list[Decoded], tokenize: Callable[[list[str]], torch.Tensor] | None,
+                    encode_text: EncodeChunks | None, batch_size: int) -> tuple[np.ndarray | None, list | None]:
+    """(tokens [N, L], contexts: N arrays [L, D]) of the kept samples' captions; None where not configured."""
+    if tokenize is None or not kept:
+        return None, None
+    tokens_NL = tokenize([d.caption for d in kept]).numpy()
+    if encode_text is None:
+        return tokens_NL, None
+    chunks = (tokens_NL[i:i + batch_size] for i in range(0, len(tokens_NL), batch_size))
+    return tokens_NL, [c for batch in encode_text(chunks) for c in batch]
+
+
 def process_shard(source: Path, out_dir: Path, policy: ImagePolicy, batch_size: int, encode_chunks: EncodeChunks,
-                  tokenize: Callable[[list[str]], torch.Tensor] | None = None) -> dict:
-    """Encode image shard `source` into `out_dir/<same name>`, mark it finished; returns its stats."""
+                  tokenize: Callable[[list[str]], torch.Tensor] | None = None,
+                  encode_text: EncodeChunks | None = None) -> dict:
+    """Encode image shard `source` into `out_dir/<same name>`, mark it finished; returns its stats.
+
+    `encode_text` (needs `tokenize`): token chunks [B, L] -> frozen text encoder contexts [B, L, D].
+    """
+    assert encode_text is None or tokenize is not None, "the text encoder reads the tokenized captions"
     start = time.perf_counter()
     kept: list[Decoded] = []
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     latents = [z for batch in encode_chunks(decoded_batches(source, policy, batch_size, kept, skipped)) for z in batch]
-    tokens = tokenize([d.caption for d in kept]).numpy() if tokenize and kept else None
+    tokens, contexts = encode_captions(kept, tokenize, encode_text, batch_size)
     paths = shard_paths(out_dir, source.name)
     stats = {"name": source.name, "source": source.name, "count": len(kept), "skipped": skipped,
              "sha256": None, "bytes": 0}
     paths["stats"].parent.mkdir(parents=True, exist_ok=True)
     if kept:  # an all-skipped shard leaves no tar, only its stats
-        write_shard(paths["tar"], latent_samples(kept, latents, tokens))
+        write_shard(paths["tar"], latent_samples(kept, latents, tokens, contexts))
         stats |= {"sha256": hashlib.sha256(paths["tar"].read_bytes()).hexdigest(), "bytes": paths["tar"].stat().st_size}
     atomic_write_json(paths["stats"], stats)
     return stats | {"seconds": time.perf_counter() - start}

@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from ldm.ae_config import AUTOENCODER_PRESETS, AutoencoderConfig
+from ldm.conditioners import TextTransformer, TextTransformerConfig
 from ldm.autoencoder import AutoencoderKL, build_autoencoder
 from ldm.convert import (autoencoder_from_diffusers, autoencoder_to_diffusers, compvis_ema_to_unet,
                          diffusers_export_parts, diffusers_scheduler_config, diffusers_unet_config,
                          diffusers_vae_config, first_stage_weights, join_compvis_state_dict, load_into,
-                         split_compvis_state_dict, unet_from_diffusers, unet_to_compvis_ema, unet_to_diffusers)
+                         split_compvis_state_dict, text_transformer_from_xtransformers,
+                         text_transformer_to_xtransformers, unet_from_diffusers, unet_to_compvis_ema, unet_to_diffusers)
 from ldm.presets import PRESETS, build_conditioner
 from ldm.samplers import sample_ddim, timesteps
 from ldm.schedules import NoiseSchedule, ScheduleConfig
@@ -309,3 +311,74 @@ def test_export_refuses_vq_first_stages():
     with pytest.raises(ValueError, match="VQModel has no diffusers counterpart"):
         diffusers_export_parts(UNet(PRESETS["debug-t2i"].unet), vq, preset.schedule,
                                latent_size=16, scaling_factor=1.0)
+
+
+# ------------------------------------------------------------------------- the released text encoder
+
+
+def _xtransformers_state_dict(cfg: TextTransformerConfig) -> dict[str, torch.Tensor]:
+    """Random weights under the names of the released txt2img-f8 `cond_stage_model.transformer.*`
+    (CompVis' vendored x-transformers: TransformerWrapper(Encoder(dim, depth)), dim_head 64 by default)."""
+    width, inner, hidden = cfg.width, cfg.num_heads * cfg.head_dim, cfg.width * cfg.mlp_ratio
+    shapes = {"token_emb.weight": (cfg.vocab_size, width), "pos_emb.emb.weight": (cfg.max_length, width),
+              "norm.weight": (width,), "norm.bias": (width,), "to_logits.weight": (cfg.vocab_size, width),
+              "to_logits.bias": (cfg.vocab_size,)}
+    for i in range(cfg.depth):
+        attn, ff = f"attn_layers.layers.{2 * i}", f"attn_layers.layers.{2 * i + 1}"
+        shapes |= {f"{attn}.0.weight": (width,), f"{attn}.0.bias": (width,), f"{attn}.1.to_q.weight": (inner, width),
+                   f"{attn}.1.to_k.weight": (inner, width), f"{attn}.1.to_v.weight": (inner, width),
+                   f"{attn}.1.to_out.weight": (width, inner), f"{attn}.1.to_out.bias": (width,),
+                   f"{ff}.0.weight": (width,), f"{ff}.0.bias": (width,), f"{ff}.1.net.0.0.weight": (hidden, width),
+                   f"{ff}.1.net.0.0.bias": (hidden,), f"{ff}.1.net.2.weight": (width, hidden),
+                   f"{ff}.1.net.2.bias": (width,)}
+    return {k: 0.2 * torch.randn(shape) + (1.0 if k.endswith(".0.weight") or k == "norm.weight" else 0.0)
+            for k, shape in shapes.items()}
+
+
+def _xtransformers_forward(sd: dict, tokens_BL: torch.Tensor, cfg: TextTransformerConfig) -> torch.Tensor:
+    """The released encoder's computation, written out from its module structure: pre-LN residual blocks
+    of softmax(q k^T / sqrt(d_head)) v and Linear-GELU-Linear, learned positions, a final LayerNorm."""
+    import torch.nn.functional as F
+    from einops import rearrange
+
+    def norm(x, prefix):
+        return F.layer_norm(x, (cfg.width,), sd[f"{prefix}.weight"], sd[f"{prefix}.bias"])
+
+    x = F.embedding(tokens_BL, sd["token_emb.weight"]) + sd["pos_emb.emb.weight"][: tokens_BL.shape[1]]
+    for i in range(cfg.depth):
+        attn, ff = f"attn_layers.layers.{2 * i}", f"attn_layers.layers.{2 * i + 1}"
+        h = norm(x, f"{attn}.0")
+        q, k, v = (rearrange(h @ sd[f"{attn}.1.to_{n}.weight"].T, "b l (h d) -> b h l d", h=cfg.num_heads)
+                   for n in "qkv")
+        weights = (q @ k.transpose(-1, -2) * cfg.head_dim ** -0.5).softmax(-1)
+        x = x + F.linear(rearrange(weights @ v, "b h l d -> b l (h d)"), sd[f"{attn}.1.to_out.weight"],
+                         sd[f"{attn}.1.to_out.bias"])
+        h = F.gelu(F.linear(norm(x, f"{ff}.0"), sd[f"{ff}.1.net.0.0.weight"], sd[f"{ff}.1.net.0.0.bias"]))
+        x = x + F.linear(h, sd[f"{ff}.1.net.2.weight"], sd[f"{ff}.1.net.2.bias"])
+    return norm(x, "norm")
+
+
+SMALL_BERT = TextTransformerConfig(vocab_size=200, max_length=12, width=32, depth=2, num_heads=4, head_dim=8)
+
+
+def test_released_text_encoder_weights_load_into_our_text_transformer_with_parity():
+    theirs = _xtransformers_state_dict(SMALL_BERT)
+    ours = TextTransformer(SMALL_BERT).eval()
+    load_into(ours, text_transformer_from_xtransformers(theirs, SMALL_BERT), "text transformer")
+    tokens = torch.randint(0, SMALL_BERT.vocab_size, (3, 10))
+    with torch.no_grad():
+        assert (ours(tokens) - _xtransformers_forward(theirs, tokens, SMALL_BERT)).abs().max() <= UNET_ATOL
+    back = text_transformer_to_xtransformers(ours.state_dict(), SMALL_BERT)
+    _assert_same_state(back, {k: v for k, v in theirs.items() if not k.startswith("to_logits.")})
+
+
+def test_text_encoder_names_of_the_1p45b_model_and_what_does_not_fit():
+    with torch.device("meta"):
+        ours = TextTransformer(PRESETS["ldm-kl8-t2i-1.45b"].conditioner.text).state_dict()
+    names = text_transformer_to_xtransformers(ours, PRESETS["ldm-kl8-t2i-1.45b"].conditioner.text)
+    assert len(names) == 4 + 32 * (7 + 6)  # per block: LN, q, k, v, out (w, b); LN, 2 Linear; as released
+    assert {"token_emb.weight", "pos_emb.emb.weight", "attn_layers.layers.63.1.net.2.bias"} <= set(names)
+    assert names["attn_layers.layers.62.1.to_v.weight"].shape == (512, 1280)  # 8 heads x 64
+    deeper = _xtransformers_state_dict(dataclasses.replace(SMALL_BERT, depth=3))
+    with pytest.raises(ValueError, match=r"attn_layers\.layers\.4\.0\.bias"):
+        load_into(TextTransformer(SMALL_BERT), text_transformer_from_xtransformers(deeper, SMALL_BERT), "BERT")

@@ -33,9 +33,15 @@ def stored_latent(sample_id: int, storage: str, logvar: float) -> np.ndarray:
     return np.concatenate([mean, np.full_like(mean, logvar)])
 
 
+NULL_CONTEXT = np.full((L, D), -1.5, dtype=np.float16)
+TEXT_ENCODER = {"kind": "openclip", "arch": "tiny", "pretrained": None, "layer": "last", "name_or_path": None,
+                "sha256": "def", "width": D, "max_length": L, "null_context": "null_context.npy"}
+
+
 def write_latents(folder: Path, counts: list[int], storage: str = "moments", logvar: float = 0.0,
                   tokens: bool = True) -> Path:
-    """A latent folder in the formats.md layout: shards of KEY.latent.npy / txt / json (/ tokens.npy)."""
+    """A latent folder in the formats.md layout: shards of KEY.latent.npy / txt / json (label: id % 3) and,
+    with `tokens`, tokens.npy and a frozen text encoder's context.npy (+ null_context.npy)."""
     folder.mkdir(parents=True, exist_ok=True)
     shards, sample_id = [], 0
     for index, count in enumerate(counts):
@@ -44,7 +50,7 @@ def write_latents(folder: Path, counts: list[int], storage: str = "moments", log
             sample = {"__key__": f"{sample_id:08d}",
                       "latent.npy": npy_bytes(stored_latent(sample_id, storage, logvar)),
                       "txt": f"caption {sample_id}".encode(),
-                      "json": json.dumps({"source_key": f"{sample_id:08d}"}).encode()}
+                      "json": json.dumps({"source_key": f"{sample_id:08d}", "label": sample_id % 3}).encode()}
             if tokens:
                 sample["tokens.npy"] = npy_bytes(np.arange(L, dtype=np.int32) + sample_id)
                 sample["context.npy"] = npy_bytes(np.full((L, D), sample_id, dtype=np.float16))
@@ -59,8 +65,11 @@ def write_latents(folder: Path, counts: list[int], storage: str = "moments", log
                 "resolution": 32, "crop": "center", "dtype": "float16", "storage": storage,
                 "latent_shape": [C, H, W], "scale_factor": SCALE, "scale_factor_source": "config",
                 "num_samples": sum(counts), "shards": shards, "skipped": {},
-                "tokenizer": {"kind": "openclip", "name_or_path": None, "max_length": L} if tokens else None}
+                "tokenizer": {"kind": "openclip", "name_or_path": None, "max_length": L} if tokens else None,
+                "text_encoder": TEXT_ENCODER if tokens else None}
     (folder / "manifest.json").write_text(json.dumps(manifest))
+    if tokens:
+        np.save(folder / "null_context.npy", NULL_CONTEXT)
     return folder
 
 
@@ -106,6 +115,42 @@ def test_vq_latents_shapes_dtypes_and_scale(tmp_path):
         assert batch["caption"][row] == f"caption {sample_id}" and batch["key"][row] == f"{sample_id:08d}"
         assert torch.equal(batch["tokens"][row], torch.arange(L) + sample_id)
         assert torch.all(batch["context"][row] == sample_id)
+    null = loader.null_context()
+    assert null.dtype == torch.float32 and torch.equal(null, torch.from_numpy(NULL_CONTEXT.astype(np.float32)))
+    assert "label" not in batch
+
+
+@pytest.mark.parametrize("source", ["label_key", "classes_file"])
+def test_labels_from_metadata_or_from_captions_through_classes_txt(tmp_path, source):
+    folder = write_latents(tmp_path / "latents", [5, 6], tokens=False)
+    classes = [f"caption {i}" for i in reversed(range(11))]  # class index = 10 - sample id
+    (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")
+    setting = {"label_key": "label"} if source == "label_key" else {"classes_file": str(tmp_path / "classes.txt")}
+    loader = LatentLoader(config(folder, num_workers=2, **setting))
+    for batch in take(loader, 3):
+        expected = [i % 3 if source == "label_key" else 10 - i for i in batch["sample_id"].tolist()]
+        assert batch["label"].dtype == torch.int64 and batch["label"].tolist() == expected
+    assert loader.classes == (None if source == "label_key" else classes)
+
+
+def test_label_and_context_errors_name_what_to_change(tmp_path):
+    folder = write_latents(tmp_path / "latents", [4], tokens=False)
+    with pytest.raises(ValueError, match="data.label_key=.*data.classes_file"):
+        LatentDataConfig(path="x", label_key="label", classes_file="classes.txt")
+    with pytest.raises(ValueError, match="None under data.label_key='class'"):
+        take(LatentLoader(config(folder, label_key="class")), 1)
+    (tmp_path / "classes.txt").write_text("caption 0\ncaption 1\n")
+    with pytest.raises(ValueError, match="caption 2.*no line of data.classes_file"):
+        take(LatentLoader(config(folder, classes_file=str(tmp_path / "classes.txt"), shuffle=False)), 1)
+    (tmp_path / "bad.txt").write_text("cat\n\ndog\ncat\n")
+    with pytest.raises(ValueError, match=r"blank lines \[1\] / repeated names \['cat'\]"):
+        LatentLoader(config(folder, classes_file=str(tmp_path / "bad.txt")))
+    with pytest.raises(ValueError, match="data.classes_file=.*does not exist"):
+        LatentLoader(config(folder, classes_file=str(tmp_path / "none.txt")))
+    with pytest.raises(ValueError, match="rerun jobs.precompute with text_encoder.kind=openclip"):
+        LatentLoader(config(folder, use_context=True))
+    with pytest.raises(ValueError, match="rerun jobs.precompute with text_encoder.kind=openclip"):
+        LatentLoader(config(folder)).check_compatible(latent_channels=C, latent_size=H, context_dim=D)
 
 
 def test_moments_reparameterisation_is_deterministic_per_sample_and_epoch(moments_dir):
@@ -243,6 +288,10 @@ def test_check_compatible_names_the_mismatch(moments_dir):
         loader.check_compatible(latent_channels=C + 1, latent_size=H)
     with pytest.raises(ValueError, match="encoder"):
         loader.check_compatible(latent_channels=C, latent_size=H, encoder_sha256="other")
+    loader.check_compatible(latent_channels=C, latent_size=H, context_dim=D)
+    with pytest.raises(ValueError, match=f"context width: the stored context is {D} wide .* context_dim is 64; "
+                                         f"choose a model.preset with unet.context_dim={D}"):
+        loader.check_compatible(latent_channels=C, latent_size=H, context_dim=64)
 
 
 def test_missing_tokens_and_truncated_shard_are_named(tmp_path):

@@ -23,16 +23,19 @@ from ldm.autoencoder import DiagonalGaussian, build_autoencoder
 from ldm.tokenizers import OpenCLIPTokenizer
 from pipeline.autoencoder_io import load_autoencoder, save_autoencoder
 from pipeline.demo_scenes import write_demo_dataset
+from pipeline.latent_loader import LatentDataConfig, LatentLoader
 from pipeline.latent_manifest import check_compatible, iter_latent_samples, read_manifest
 from pipeline.precompute import PrecomputeConfig, TokenizerConfig, precompute
-from pipeline.precompute_core import (ImagePolicy, encode_batch, local_encoder, prepare_image, process_shard,
-                                      tar_is_complete)
+from pipeline.precompute_core import (ImagePolicy, encode_batch, encode_text_batch, local_encoder, local_text_encoder,
+                                      prepare_image, process_shard, tar_is_complete)
 from pipeline.ray_cluster import RayConfig, init_ray
 from pipeline.shards import iter_samples, write_shard
+from pipeline.text_encoder_io import TextEncoderConfig, load_text_encoder
 
 pytestmark = pytest.mark.slow
 RES = 32                   # debug presets: f = 4, latents 8 x 8
 NUM_KILL_SHARDS = 8
+TEXT_WIDTH = 32            # the tiny OpenCLIP text tower: 2 blocks of width 32
 CONF = Path(__file__).resolve().parents[1] / "conf"
 register_schemas()
 
@@ -97,6 +100,24 @@ def autoencoders(tmp_path_factory):
         cfg = AUTOENCODER_PRESETS[f"debug-{kind}"]
         save_autoencoder(build_autoencoder(cfg), cfg, folder / kind, source="test")
     return {"kl": folder / "kl", "vq": folder / "vq"}
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory) -> str:
+    """A random tiny OpenCLIP saved as an open_clip `local-dir:` folder (config + weights): every Ray
+    worker can build it by name, offline."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny_open_clip")
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8, "head_width": 32},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": TEXT_WIDTH, "heads": 2, "layers": 2}}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    torch.manual_seed(3)
+    model = open_clip.CLIP(**cfg)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return f"local-dir:{folder}"
 
 
 def _config(inputs, out, autoencoder, **overrides) -> PrecomputeConfig:
@@ -205,13 +226,19 @@ def _in_thread(function) -> tuple[threading.Thread, dict]:
     return thread, result
 
 
+def _three_per_shard(demo, folder: Path, num_shards: int) -> list[str]:
+    """`num_shards` image shards of 3 good samples each; returns their keys."""
+    folder.mkdir()
+    keys = []
+    for s in range(num_shards):
+        keys += [f"{s:05d}{i:04d}" for i in range(3)]
+        write_shard(folder / f"{s:05d}.tar", [_sample(k, *demo[i]) for i, k in enumerate(keys[-3:])])
+    return keys
+
+
 def test_a_killed_encoder_worker_still_gives_every_sample_exactly_once(ray_cluster, demo, autoencoders, tmp_path):
     inputs, out = tmp_path / "images", tmp_path / "out"
-    inputs.mkdir()
-    keys = []
-    for s in range(NUM_KILL_SHARDS):
-        keys += [f"{s:05d}{i:04d}" for i in range(3)]
-        write_shard(inputs / f"{s:05d}.tar", [_sample(k, *demo[i]) for i, k in enumerate(keys[-3:])])
+    keys = _three_per_shard(demo, inputs, NUM_KILL_SHARDS)
     run, result = _in_thread(lambda: precompute(_config(inputs, out, autoencoders["kl"], batch_size=1)))
     encoder = _named_encoder(ray_cluster, run)
     pid = ray_cluster.get(encoder.pid.remote())
@@ -228,14 +255,34 @@ def test_a_killed_encoder_worker_still_gives_every_sample_exactly_once(ray_clust
     assert sorted(got) == sorted(keys) and len(set(got)) == len(got)
 
 
-def test_vq_run_from_the_hydra_job_with_tokens_and_random_crops(ray_cluster, image_shards, autoencoders, tmp_path):
+def test_a_killed_decode_task_worker_is_retried_and_every_sample_appears_exactly_once(ray_cluster, demo, autoencoders,
+                                                                                     tmp_path):
+    """The worker process of one shard (decode) task exits mid-shard, after its second batch came back
+    from the encoder and before its shard is written (`fail_once_marker`: os._exit, once); Ray runs the
+    task again (max_retries) and the output holds every input sample exactly once."""
+    inputs, out, marker = tmp_path / "images", tmp_path / "out", tmp_path / "died"
+    keys = _three_per_shard(demo, inputs, 4)
+    summary = precompute(_config(inputs, out, autoencoders["kl"], batch_size=1, fail_once_marker=str(marker)))
+    assert marker.is_file(), "no shard task died: the test did not test anything"
+    assert summary["samples"] == read_manifest(out)["num_samples"] == len(keys)
+    got = [s["key"] for s in iter_latent_samples(out)]
+    assert sorted(got) == sorted(keys) and len(set(got)) == len(got)
+    assert not list(out.glob("*tmp*"))
+
+
+def _compose(overrides: list[str]) -> PrecomputeConfig:
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return to_dataclass(compose("precompute", overrides=overrides), PrecomputeConfig)
+
+
+def test_vq_run_from_the_hydra_job_with_tokens_text_context_and_random_crops(ray_cluster, image_shards, autoencoders,
+                                                                              tiny_open_clip, tmp_path):
     (tmp_path / "images").mkdir()  # one shard: each Ray worker that tokenizes imports open_clip (seconds)
     shutil.copy(image_shards / "00002.tar", tmp_path / "images")
     overrides = [f"input_dir={tmp_path / 'images'}", f"output_dir={tmp_path / 'out'}", f"autoencoder={autoencoders['vq']}",
-                 f"resolution={RES}", "crop=random", "seed=5", "batch_size=8", "tokenizer.kind=openclip",
-                 "tokenizer.max_length=16"]
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        summary = precompute(to_dataclass(compose("precompute", overrides=overrides), PrecomputeConfig))
+                 f"resolution={RES}", "crop=random", "seed=5", "batch_size=4", "tokenizer.kind=openclip",
+                 "tokenizer.max_length=16", "text_encoder.kind=openclip", f"text_encoder.arch={tiny_open_clip}"]
+    summary = precompute(_compose(overrides))
     manifest = read_manifest(tmp_path / "out")
     assert (manifest["storage"], manifest["latent_shape"], manifest["crop"]) == ("latents", [4, 8, 8], "random")
     assert (manifest["scale_factor"], manifest["scale_factor_source"]) == (1.0, "config")  # VQ: unscaled
@@ -253,6 +300,32 @@ def test_vq_run_from_the_hydra_job_with_tokens_and_random_crops(ray_cluster, ima
     assert wide["meta"]["crop_box"] == box
     direct = encode_batch(model, image[None], out_dtype="float32")[0]
     np.testing.assert_allclose(wide["latent"].astype(np.float32), direct, rtol=2e-3, atol=2e-3)
+    _check_stored_context(tmp_path / "out", samples, manifest, tiny_open_clip)
+    null_before = (tmp_path / "out" / "null_context.npy").read_bytes()
+    with pytest.raises(ValueError, match=r"other \['text_encoder'\].*choose another output_dir"):
+        precompute(_compose(overrides + ["text_encoder.layer=penultimate"]))
+    assert (tmp_path / "out" / "null_context.npy").read_bytes() == null_before  # a refused rerun changes nothing
+
+
+def _check_stored_context(out: Path, samples: list[dict], manifest: dict, arch: str) -> None:
+    """KEY.context.npy = the text encoder run on the caption directly (float16 precision); the manifest
+    names the encoder and its tokenizer; null_context.npy is the context of ""; the loader reads them."""
+    encoder, identity = load_text_encoder(TextEncoderConfig(kind="openclip", arch=arch))
+    assert manifest["text_encoder"] == identity | {"max_length": 16, "null_context": "null_context.npy"}
+    assert (identity["width"], identity["layer"]) == (TEXT_WIDTH, "last") and len(identity["sha256"]) == 64
+    tokenize = OpenCLIPTokenizer(16)
+    with torch.no_grad():
+        direct = encoder(tokenize([s["caption"] for s in samples])).numpy()
+        null = encoder(tokenize([""]))[0].numpy()
+    stored = np.stack([s["context"] for s in samples])
+    assert stored.dtype == np.float16 and stored.shape == (len(samples), 16, TEXT_WIDTH)
+    np.testing.assert_allclose(stored.astype(np.float32), direct, rtol=2e-3, atol=2e-3)
+    assert not np.allclose(stored[0], stored[1], atol=1e-2)  # the captions differ, so do their contexts
+    np.testing.assert_allclose(np.load(out / "null_context.npy").astype(np.float32), null, rtol=2e-3, atol=2e-3)
+    loader = LatentLoader(LatentDataConfig(path=str(out), batch_size=3, num_workers=0, use_context=True))
+    loader.check_compatible(latent_channels=4, latent_size=8, context_dim=TEXT_WIDTH)
+    batch = next(iter(loader))
+    assert batch["context"].shape == (3, 16, TEXT_WIDTH) and loader.null_context().shape == (16, TEXT_WIDTH)
 
 
 def test_other_settings_in_the_same_output_dir_fail_before_any_work(kl_run):
@@ -302,6 +375,7 @@ def test_process_shard_without_ray(image_shards, autoencoders, tmp_path):
     assert (stats["count"], stats["skipped"]["missing_caption"], stats["skipped"]["too_small"]) == (5, 1, 1)
     assert json.loads((tmp_path / "_work" / "00001.json").read_text())["sha256"] == stats["sha256"]
     assert len(list(iter_samples(tmp_path / "00001.tar"))) == 5
+    assert not any("context.npy" in s for s in iter_samples(tmp_path / "00001.tar"))
     (tmp_path / "in").mkdir()
     write_shard(tmp_path / "in" / "00009.tar", [_sample("k", b"junk", "a caption")])
     empty = process_shard(tmp_path / "in" / "00009.tar", tmp_path, ImagePolicy(RES), 3, encode)
@@ -311,6 +385,23 @@ def test_process_shard_without_ray(image_shards, autoencoders, tmp_path):
     assert not tar_is_complete(image_shards / "00003.tar") and not tar_is_complete(image_shards / "00004.tar")
 
 
+def test_process_shard_stores_a_local_text_encoders_context(image_shards, autoencoders, tiny_open_clip, tmp_path):
+    """The pure core with a text encoder: tokens and contexts of the kept samples' captions, in order."""
+    encoder, _ = load_text_encoder(TextEncoderConfig(kind="openclip", arch=tiny_open_clip, layer="penultimate"))
+    tokenize = OpenCLIPTokenizer(8)
+    encode, encode_text = local_encoder(load_autoencoder(autoencoders["kl"])[0]), local_text_encoder(encoder)
+    assert process_shard(image_shards / "00002.tar", tmp_path, ImagePolicy(RES), 4, encode, tokenize,
+                         encode_text)["count"] == 6
+    samples = list(iter_samples(tmp_path / "00002.tar"))
+    tokens = tokenize([s["txt"].decode() for s in samples])
+    with torch.no_grad():
+        direct = encoder(tokens).numpy()
+    stored = np.stack([np.load(io.BytesIO(s["context.npy"])) for s in samples])
+    assert stored.shape == (6, 8, TEXT_WIDTH) and len(encoder.blocks) == 1  # penultimate: 1 of 2 blocks
+    np.testing.assert_allclose(stored.astype(np.float32), direct, rtol=2e-3, atol=2e-3)
+    np.testing.assert_array_equal(np.stack([np.load(io.BytesIO(s["tokens.npy"])) for s in samples]), tokens)
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="crop must be one of"):
         PrecomputeConfig(input_dir="a", output_dir="b", autoencoder="c", crop="stretch")
@@ -318,6 +409,19 @@ def test_config_errors_name_the_key():
         PrecomputeConfig(input_dir="a", output_dir="b")
     with pytest.raises(ValueError, match="tokenizer.kind"):
         PrecomputeConfig(input_dir="a", output_dir="b", autoencoder="c", tokenizer=TokenizerConfig(kind="gpt"))
+    with pytest.raises(ValueError, match="text_encoder.kind=openclip needs text_encoder.arch"):
+        TextEncoderConfig(kind="openclip")
+    with pytest.raises(ValueError, match="with kind=hf_clip set name_or_path only"):
+        TextEncoderConfig(kind="hf_clip", name_or_path="openai/clip-vit-large-patch14", arch="ViT-L-14")
+    clip = TextEncoderConfig(kind="hf_clip", name_or_path="openai/clip-vit-large-patch14")
+    with pytest.raises(ValueError, match=r"tokenizer.kind=bert .* is not the tokenizer of text_encoder.kind=hf_clip "
+                                         r"\(kind=hf_clip, name_or_path=openai/clip-vit-large-patch14\)"):
+        PrecomputeConfig(input_dir="a", output_dir="b", autoencoder="c", text_encoder=clip,
+                         tokenizer=TokenizerConfig(kind="bert", name_or_path="bert-base-uncased"))
+    implied = PrecomputeConfig(input_dir="a", output_dir="b", autoencoder="c", text_encoder=clip,
+                               tokenizer=TokenizerConfig(max_length=32))
+    assert implied.resolved_tokenizer() == {"kind": "hf_clip", "name_or_path": "openai/clip-vit-large-patch14",
+                                            "max_length": 32}
 
 
 @pytest.mark.gpu
@@ -326,4 +430,13 @@ def test_bf16_encoding_on_cuda_is_close_to_fp32(demo, autoencoders):
     images = np.stack([prepare_image(jpg, ImagePolicy(RES), "s/k")[0] for jpg, _ in demo[:8]])
     reference = encode_batch(model, images, out_dtype="float32")
     on_gpu = encode_batch(model.cuda(), images, autocast_dtype=torch.bfloat16, out_dtype="float32")
+    np.testing.assert_allclose(on_gpu, reference, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.gpu
+def test_bf16_text_context_on_cuda_is_close_to_fp32(tiny_open_clip):
+    encoder, _ = load_text_encoder(TextEncoderConfig(kind="openclip", arch=tiny_open_clip))
+    tokens = OpenCLIPTokenizer(16)(["a red circle", "a blue square on the left"]).numpy()
+    reference = encode_text_batch(encoder, tokens).astype(np.float32)
+    on_gpu = encode_text_batch(encoder.cuda(), tokens, autocast_dtype=torch.bfloat16).astype(np.float32)
     np.testing.assert_allclose(on_gpu, reference, rtol=0.05, atol=0.05)

@@ -1,101 +1,26 @@
 """The LDM training job (issue 6): configs, loss going down, exact resume, NaN skipping, ZeRO 1/2/3 on 2 ranks.
 
-Tiny latent shards in the formats.md layout are written here: 4 smooth 16x16x4 patterns, each with
-its own caption tokens, so that the debug text-to-image model has something learnable in seconds.
+Tiny latent shards in the formats.md layout come from tests/factories.py: 4 smooth 16x16x4 patterns, each
+with its own caption tokens, so that the debug text-to-image model has something learnable in seconds.
 """
-import io
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-import jobs.config
+from factories import make_config, overrides_for, torchrun_train, write_latents
 from jobs.checkpointing import TMP_PREFIX, CheckpointManager
-from jobs.config import to_dataclass
 from jobs.distributed import free_port
-from jobs.train_config import TrainConfig
 from jobs.train_loop import NonFiniteLossError, train
-from ldm.presets import PRESETS
-from pipeline.shards import write_shard
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-PRESET = PRESETS["debug-t2i"]
-C, SIZE, L = PRESET.unet.out_channels, PRESET.latent_size, PRESET.conditioner.text.max_length
-NUM_PATTERNS = 4
-jobs.config.register_schemas()
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-def pattern(index: int) -> np.ndarray:
-    """A smooth [C, SIZE, SIZE] latent: one Gaussian blob per pattern, in a different quadrant."""
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
-    cy, cx = 0.25 + 0.5 * (index // 2), 0.25 + 0.5 * (index % 2)
-    blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.02)
-    signs = np.array([1, -1, 1, -1])[:, None, None] * (1 if index % 2 else -1)
-    return (2 * blob[None] * signs - 0.5 * signs).astype(np.float32)
-
-
-def tokens_of(index: int) -> np.ndarray:
-    tokens = np.zeros(L, dtype=np.int32)
-    tokens[:4] = [49406, 320 + index, 1000 + index, 49407]  # <start> two words <end>, then 0-padding
-    return tokens
-
-
-def write_latents(folder: Path, num_samples: int = 64, num_shards: int = 4) -> Path:
-    """moments storage (mean, logvar = -10): z = mean + tiny noise, times scale_factor 1."""
-    folder.mkdir(parents=True, exist_ok=True)
-    per_shard, shards = num_samples // num_shards, []
-    for shard in range(num_shards):
-        samples = []
-        for i in range(shard * per_shard, (shard + 1) * per_shard):
-            mean = pattern(i % NUM_PATTERNS)
-            moments = np.concatenate([mean, np.full_like(mean, -10.0)]).astype(np.float16)
-            samples.append({"__key__": f"{i:08d}", "latent.npy": npy_bytes(moments),
-                            "txt": f"pattern {i % NUM_PATTERNS}".encode(), "json": b"{}",
-                            "tokens.npy": npy_bytes(tokens_of(i % NUM_PATTERNS))})
-        write_shard(folder / f"{shard:05d}.tar", samples)
-        shards.append({"name": f"{shard:05d}.tar", "count": per_shard, "sha256": "", "source": ""})
-    manifest = {"format": "ldm-pipeline/latents", "schema_version": 1,
-                "encoder": {"kind": "kl", "config": {}, "sha256": "test", "source": "test"},
-                "resolution": 8 * SIZE, "crop": "center", "dtype": "float16", "storage": "moments",
-                "latent_shape": [C, SIZE, SIZE], "scale_factor": 1.0, "scale_factor_source": "config",
-                "num_samples": num_samples, "shards": shards, "skipped": {},
-                "tokenizer": {"kind": "openclip", "name_or_path": None, "max_length": L}}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
 
 
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory) -> Path:
     return write_latents(tmp_path_factory.mktemp("latents"))
-
-
-def overrides_for(latent_dir: Path, run_dir: Path, max_steps: int, **extra) -> list[str]:
-    values = {"data.path": latent_dir, "run_dir": run_dir, "trainer.max_steps": max_steps,
-              "trainer.precision": "fp32", "trainer.deterministic": True, "trainer.ema_decay": 0.99,
-              "data.batch_size": 8, "data.num_workers": 0, "optim.lr": 1e-3, "logger.mode": "disabled",
-              "logger.log_every": 1, "logger.image_every": 10**6, "logger.progress_bar": False,
-              "checkpoint.every_steps": 10**6} | extra
-    return [f"{key}={value}" for key, value in values.items()]
-
-
-def make_config(overrides: list[str]) -> TrainConfig:
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return to_dataclass(compose("train", overrides=overrides), TrainConfig)
 
 
 @pytest.fixture
@@ -277,15 +202,6 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path, latents, single_pro
 
 
 # ---------------------------------------------------------------------------------------------- 2 ranks
-
-
-def torchrun_train(overrides: list[str], hydra_dir: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "-m", "jobs.train", *overrides, f"hydra.run.dir={hydra_dir}"]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 @pytest.mark.slow

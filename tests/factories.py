@@ -1,0 +1,216 @@
+"""Shared test factories: tiny latent folders, real tiny training runs, random in-memory LDM bundles.
+
+    write_latents(folder, encoder=None)           latent shards + manifest.json (formats.md)
+    tiny_autoencoder(folder, seed=0)              a saved debug-kl first stage (pipeline/autoencoder_io.py)
+    tiny_training_run(tmp_path, zero_stage=2)     a real `jobs.train` run of debug-t2i -> its run_dir
+    tiny_bundle(preset="debug-t2i", seed=0)       an LDMBundle with random weights, no files
+
+The latents are 4 smooth 16x16x4 patterns, each with its own caption tokens, so that the debug
+text-to-image model has something learnable in seconds.
+"""
+import io
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldm.ae_config import AUTOENCODER_PRESETS
+from ldm.autoencoder import build_autoencoder
+from ldm.presets import PRESETS, build_conditioner
+from ldm.schedules import NoiseSchedule
+from ldm.unet import UNet
+from pipeline.shards import write_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+PRESET = PRESETS["debug-t2i"]
+C, SIZE, L = PRESET.unet.out_channels, PRESET.latent_size, PRESET.conditioner.text.max_length
+NUM_PATTERNS = 4
+TOKENIZER = {"kind": "openclip", "name_or_path": None, "max_length": L}
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+TEST_ENCODER = {"kind": "kl", "config": {}, "sha256": "test", "source": "test"}
+
+
+# ---------------------------------------------------------------------------------------------- latents
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def pattern(index: int) -> np.ndarray:
+    """A smooth [C, SIZE, SIZE] latent: one Gaussian blob per pattern, in a different quadrant."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    cy, cx = 0.25 + 0.5 * (index // 2), 0.25 + 0.5 * (index % 2)
+    blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.02)
+    signs = np.array([1, -1, 1, -1])[:, None, None] * (1 if index % 2 else -1)
+    return (2 * blob[None] * signs - 0.5 * signs).astype(np.float32)
+
+
+def tokens_of(index: int) -> np.ndarray:
+    tokens = np.zeros(L, dtype=np.int32)
+    tokens[:4] = [49406, 320 + index, 1000 + index, 49407]  # <start> two words <end>, then 0-padding
+    return tokens
+
+
+def write_latents(folder: Path, num_samples: int = 64, num_shards: int = 4, encoder: dict | None = None,
+                  scale_factor: float = 1.0) -> Path:
+    """moments storage (mean, logvar = -10): z = mean + tiny noise, times `scale_factor`.
+
+    `encoder`: the manifest's encoder identity (`load_autoencoder(...)[2]`); default a stub naming no file.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    per_shard, shards = num_samples // num_shards, []
+    for shard in range(num_shards):
+        samples = []
+        for i in range(shard * per_shard, (shard + 1) * per_shard):
+            mean = pattern(i % NUM_PATTERNS)
+            moments = np.concatenate([mean, np.full_like(mean, -10.0)]).astype(np.float16)
+            samples.append({"__key__": f"{i:08d}", "latent.npy": npy_bytes(moments),
+                            "txt": f"pattern {i % NUM_PATTERNS}".encode(), "json": b"{}",
+                            "tokens.npy": npy_bytes(tokens_of(i % NUM_PATTERNS))})
+        write_shard(folder / f"{shard:05d}.tar", samples)
+        shards.append({"name": f"{shard:05d}.tar", "count": per_shard, "sha256": "", "source": ""})
+    encoder = {k: (encoder or TEST_ENCODER)[k] for k in ("kind", "config", "sha256", "source")}
+    factor = AUTOENCODER_PRESETS[PRESET.autoencoder].downsample_factor
+    manifest = {"format": "ldm-pipeline/latents", "schema_version": 1, "encoder": encoder,
+                "resolution": factor * SIZE, "crop": "center", "dtype": "float16", "storage": "moments",
+                "latent_shape": [C, SIZE, SIZE], "scale_factor": scale_factor, "scale_factor_source": "config",
+                "num_samples": num_samples, "shards": shards, "skipped": {}, "tokenizer": TOKENIZER}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def perturb(module: torch.nn.Module, generator: torch.Generator, std: float = 0.05) -> torch.nn.Module:
+    """Move every weight off its init (zero-initialised output layers included), so each path shows."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(std * torch.randn(p.shape, generator=generator))
+    return module
+
+
+def tiny_autoencoder(folder: Path, seed: int = 0) -> tuple[Path, dict]:
+    """A debug-kl autoencoder with perturbed random weights saved in our format: (folder, identity)."""
+    from pipeline.autoencoder_io import load_autoencoder, save_autoencoder
+
+    cfg = AUTOENCODER_PRESETS[PRESET.autoencoder]
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = perturb(build_autoencoder(cfg), generator)
+    save_autoencoder(model, cfg, folder, scale_factor=1.0, source="tests/factories.py")
+    return folder, load_autoencoder(folder)[2]
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def overrides_for(latent_dir: Path, run_dir: Path, max_steps: int, **extra) -> list[str]:
+    values = {"data.path": latent_dir, "run_dir": run_dir, "trainer.max_steps": max_steps,
+              "trainer.precision": "fp32", "trainer.deterministic": True, "trainer.ema_decay": 0.99,
+              "data.batch_size": 8, "data.num_workers": 0, "optim.lr": 1e-3, "logger.mode": "disabled",
+              "logger.log_every": 1, "logger.image_every": 10**6, "logger.progress_bar": False,
+              "checkpoint.every_steps": 10**6} | extra
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def make_config(overrides: list[str]):
+    """The validated TrainConfig of conf/train.yaml with `overrides` (Hydra compose, no app)."""
+    from hydra import compose, initialize_config_dir
+
+    import jobs.config
+    from jobs.train_config import TrainConfig
+
+    jobs.config.register_schemas()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return jobs.config.to_dataclass(compose("train", overrides=overrides), TrainConfig)
+
+
+@contextmanager
+def single_process(num_threads: int = 1):
+    """One rank on a fresh port (DeepSpeed needs RANK & co., else it looks for MPI) and one intra-op
+    thread (on 2 shared cores, 2 threads stall each other); the environment comes back on exit."""
+    from jobs.distributed import free_port
+
+    saved = {key: os.environ.get(key) for key in LAUNCHER_VARS}
+    threads = torch.get_num_threads()
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())})
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def torchrun_train(overrides: list[str], hydra_dir: Path, num_ranks: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=num_ranks -m jobs.train ...` (gloo on CPU); asserts it succeeded."""
+    from jobs.distributed import free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_ranks}",
+               f"--master_port={free_port()}", "-m", "jobs.train", *overrides, f"hydra.run.dir={hydra_dir}"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def tiny_training_run(tmp_path: Path, zero_stage: int = 2, steps: int = 2, *, num_ranks: int = 1,
+                      train_text_encoder: bool = True, seed: int = 0, extra: dict | None = None) -> Path:
+    """A real `jobs.train` run of debug-t2i (fp32, deterministic) on tiny latent shards whose manifest
+    names a real saved debug-kl autoencoder (tmp_path/autoencoder); returns the run_dir
+    (tmp_path/run). One rank runs in this process; num_ranks > 1 runs under torchrun. `extra`: more
+    overrides ({"trainer.ema_decay": 0.0, ...})."""
+    tmp_path = Path(tmp_path)
+    _, identity = tiny_autoencoder(tmp_path / "autoencoder", seed)
+    latents = write_latents(tmp_path / "latents", num_samples=16, num_shards=4, encoder=identity)
+    run_dir = tmp_path / "run"
+    overrides = overrides_for(latents, run_dir, steps, **{
+        "trainer.zero_stage": zero_stage, "data.batch_size": 4 if num_ranks > 1 else 8, "seed": seed,
+        "model.train_text_encoder": train_text_encoder} | (extra or {}))
+    if num_ranks > 1:
+        torchrun_train(overrides, tmp_path / "hydra", num_ranks)
+        return run_dir
+    from jobs.train_loop import train
+
+    with single_process():
+        code = train(make_config(overrides))
+    assert code == 0, f"jobs.train exited with {code}"
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------- bundles
+
+
+def tiny_bundle(preset: str = "debug-t2i", seed: int = 0):
+    """An LDMBundle of `preset` with random weights moved off their init (so zero-initialised output
+    layers do not hide a path) and the preset's debug first stage; nothing is read or written."""
+    from pipeline.ldm_bundle import LDMBundle
+
+    p = PRESETS[preset]
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet, conditioner = UNet(p.unet), build_conditioner(p.conditioner)
+        autoencoder = build_autoencoder(AUTOENCODER_PRESETS[p.autoencoder])
+    modules = [m for m in (unet, conditioner, autoencoder) if m is not None]
+    for module in modules:
+        perturb(module, generator).eval().requires_grad_(False)
+    tokenizer = dict(TOKENIZER, max_length=p.conditioner.text.max_length) if p.conditioner.kind == "text" else None
+    return LDMBundle(preset_name=preset, preset=p, unet=unet, conditioner=conditioner, autoencoder=autoencoder,
+                     scale_factor=p.scale_factor or 1.0, tokenizer=tokenizer,
+                     schedule=NoiseSchedule.from_config(p.schedule), objective=p.objective,
+                     latent_shape=(p.unet.out_channels, p.latent_size, p.latent_size),
+                     source={"kind": "factory", "path": None, "step": 0, "weights": "raw"})
