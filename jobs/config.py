@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jobs.autoencoder_config import TrainAutoencoderConfig
+from jobs.eval_config import EvaluateConfig, FidStatsConfig
 from jobs.sample_config import SampleConfig
 from jobs.train_config import TrainConfig
 from pipeline.ingest import IngestConfig
@@ -20,7 +21,7 @@ from pipeline.precompute import PrecomputeConfig
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SCHEMAS = {"ingest_schema": IngestConfig, "precompute_schema": PrecomputeConfig,
            "train_autoencoder_schema": TrainAutoencoderConfig, "train_schema": TrainConfig,
-           "sample_schema": SampleConfig,
+           "sample_schema": SampleConfig, "fid_stats_schema": FidStatsConfig, "evaluate_schema": EvaluateConfig,
            "export_schema": ExportConfig}
 
 

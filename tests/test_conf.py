@@ -14,7 +14,9 @@ REQUIRED = {"ingest": ["inputs=[urls.parquet]", "output_dir=out"],
             "train": ["data.path=data/latents", "trainer.max_steps=10"],
             "train_autoencoder": ["run_dir=runs/ae", "data.path=data/images"],
             "sample": ["source=runs/x", "out_dir=samples/x"],
-            "export": ["source=runs/x", "out_dir=exports/x"]}
+            "export": ["source=runs/x", "out_dir=exports/x"],
+            "fid_stats": ["reference=data/images", "out=refs/x"],
+            "evaluate": ["reference_stats=refs/x", "images=samples/x", "out_dir=evals/x"]}
 jobs.config.register_schemas()
 
 

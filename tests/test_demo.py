@@ -1,23 +1,129 @@
-"""The embedded demo end to end at a reduced size (same stages, fewer images and steps)."""
+"""The embedded demo: its stage runner (reuse, invalidation, failures that name the log) and the whole
+pipeline end to end at a reduced size (the same stages and jobs, fewer images and steps)."""
 import json
+import re
+import sys
 
 import pytest
 
 from jobs import demo
+from jobs.demo_stages import Stage, StageFailed, StageRunner, last_json_line, run_logged
+from pipeline.report import SECTIONS
 
-pytestmark = pytest.mark.slow
+
+class Counting:
+    """A stage's work function that counts its calls and writes into its output folder."""
+
+    def __init__(self, folder, value):
+        self.folder, self.value, self.calls = folder, value, 0
+
+    def __call__(self, log_path):
+        self.calls += 1
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"call_{self.calls}").write_text("x")
+        log_path.write_text(f"ran {self.calls}\n")
+        return {"value": self.value}
 
 
-def test_demo_runs_every_stage_and_reports_its_figures(tmp_path, capsys):
-    demo.main(["--out", str(tmp_path), "--num-images", "144", "--steps", "40", "--batch", "32",
-               "--num-samples", "24", "--sample-steps", "10"])
+def stages(tmp_path, works, configs):
+    return [Stage(name, config, work, lambda r: f"value {r['value']}", [work.folder])
+            for name, config, work in zip(("a", "b", "c"), configs, works)]
+
+
+def run_all(tmp_path, works, configs, lines):
+    runner = StageRunner(tmp_path / "out", echo=lines.append)
+    return [runner.run(stage) for stage in stages(tmp_path, works, configs)], runner
+
+
+def test_rerun_reuses_finished_stages_and_redoes_what_changed_and_everything_after(tmp_path):
+    works = [Counting(tmp_path / name, i) for i, name in enumerate("abc")]
+    lines = []
+    first, _ = run_all(tmp_path, works, [{"k": 1}, {"k": 2}, {"k": 3}], lines)
+    assert first == [{"value": 0}, {"value": 1}, {"value": 2}] and [w.calls for w in works] == [1, 1, 1]
+    assert re.fullmatch(r"\[demo\] a +value 0 \(\d+\.\d s\)", lines[0])
+    again, runner = run_all(tmp_path, works, [{"k": 1}, {"k": 2}, {"k": 3}], lines)
+    assert again == first and [w.calls for w in works] == [1, 1, 1] and runner.reused == ["a", "b", "c"]
+    assert "reused" in lines[-1]
+    run_all(tmp_path, works, [{"k": 1}, {"k": 20}, {"k": 3}], lines)  # b's settings change: b and c rerun
+    assert [w.calls for w in works] == [1, 2, 2]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["call_2"]  # b's old outputs were deleted
+
+
+def test_a_killed_stage_resumes_from_its_outputs_only_with_the_same_settings(tmp_path):
+    runner = StageRunner(tmp_path / "out", echo=lambda line: None)
+    folder = tmp_path / "partial"
+
+    def killed(log_path):
+        folder.mkdir()
+        (folder / "checkpoint").write_text("half")
+        raise KeyboardInterrupt  # the process dies mid-stage: no done marker
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(Stage("train", {"steps": 10}, killed, str, [folder]))
+    seen = []
+    resume = lambda log_path: seen.append(sorted(p.name for p in folder.iterdir())) or {}  # noqa: E731
+    StageRunner(tmp_path / "out", echo=lambda line: None).run(Stage("train", {"steps": 10}, resume, str, [folder]))
+    assert seen == [["checkpoint"]]  # same settings: the partial run's checkpoint is still there to resume
+    (tmp_path / "out" / "stages" / "train.done.json").unlink()
+    (tmp_path / "out" / "stages" / "train.started.json").write_text(json.dumps({"hash": "other", "config": {}}))
+    fresh = lambda log_path: seen.append(folder.exists()) or {}  # noqa: E731
+    StageRunner(tmp_path / "out", echo=lambda line: None).run(Stage("train", {"steps": 10}, fresh, str, [folder]))
+    assert seen[-1] is False  # made with other settings: deleted before the stage ran
+
+
+def test_a_failing_job_names_the_stage_and_its_log(tmp_path, capsys):
+    log = tmp_path / "logs" / "ingest.log"
+    command = [sys.executable, "-c", "import sys; print('working'); sys.exit('no shards found')"]
+    with pytest.raises(StageFailed, match=rf"stage 'ingest' failed \(exit code 1\): read {re.escape(str(log))}"):
+        run_logged("ingest", command, log)
+    text = log.read_text()
+    assert text.startswith("$ ") and "working" in text and "no shards found" in text
+    assert "no shards found" in capsys.readouterr().err  # the end of the log is repeated on the console
+
+
+def test_the_job_summary_is_its_last_json_line(tmp_path):
+    assert last_json_line('noise\n{"a": 1}\nprogress {"b": 2\n{"c": 3}\n', "x", tmp_path) == {"c": 3}
+    with pytest.raises(StageFailed, match="printed no JSON summary"):
+        last_json_line("only text\n", "x", tmp_path / "x.log")
+
+
+def test_settings_errors_name_the_option():
+    with pytest.raises(ValueError, match="--num-samples"):
+        demo.parse_args(["--num-samples", "500"])
+    settings, reuse = demo.parse_args(["--guidance-t-max", "none", "--train-steps", "7", "--fresh"])
+    assert settings.guidance_t_max is None and settings.train_steps == 7 and reuse is False
+
+
+HEADLINE_KEYS = ("caption_adherence_guided", "caption_adherence_unguided", "caption_adherence_unconditional",
+                 "caption_adherence_chance", "fid", "kid", "fid_unguided", "kid_unguided", "fid_feature_extractor",
+                 "fid_comparable_to_published", "adherence_by_attribute", "adherence_check", "stage_seconds",
+                 "stage_cpu_seconds", "report")
+STAGES = ("generate", "ingest", "autoencoder", "latents", "ldm", "sample", "fid", "adherence")
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_end_to_end_and_a_rerun_reuses_them(tmp_path, capsys):
+    args = ["--out", str(tmp_path / "demo"), "--num-images", "144", "--num-held-out", "24", "--num-shards", "2",
+            "--ae-steps", "20", "--train-steps", "20", "--num-samples", "24", "--sample-steps", "4",
+            "--num-calibration", "8"]
+    demo.main(args)
     lines = capsys.readouterr().out.strip().splitlines()
     headline = json.loads(lines[-1])  # the last line is the JSON of headline figures
-    for stage in ("generate", "ingest", "train", "evaluate"):
-        assert any(line.startswith(f"[demo] {stage}") for line in lines), stage
+    assert set(HEADLINE_KEYS) <= set(headline) and set(headline["stage_seconds"]) == set(STAGES)
+    for stage in STAGES:
+        assert any(re.match(rf"\[demo\] {stage} +\S.*\(\d+\.\d s\)$", line) for line in lines), stage
     for key in ("caption_adherence_guided", "caption_adherence_unguided", "caption_adherence_unconditional"):
         assert 0.0 <= headline[key] <= 1.0
-    assert headline["ingest"]["downloaded"] == 144 and headline["ingest"]["shards"] == 3  # parts of 64
-    assert headline["loss_last"] < headline["loss_first"]
-    assert json.loads((tmp_path / "metrics.json").read_text()) == headline
-    assert (tmp_path / "samples_guided.png").stat().st_size > 0
+    assert headline["fid"] > 0 and headline["fid_comparable_to_published"] is False  # no Inception weights here
+    text = (tmp_path / "demo" / "report.md").read_text()
+    assert re.findall(r"^## (.+)$", text, flags=re.M) == list(SECTIONS)
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (tmp_path / "demo" / link).is_file(), link
+    assert json.loads((tmp_path / "demo" / "metrics.json").read_text()) == headline
+
+    demo.main(args)  # everything finished: every stage is reused, the figures are the same
+    lines = capsys.readouterr().out.strip().splitlines()
+    again = json.loads(lines[-1])
+    assert again["stages_reused"] == list(STAGES)
+    assert {k: again[k] for k in ("fid", "caption_adherence_guided")} == {k: headline[k] for k in ("fid",
+                                                                                                  "caption_adherence_guided")}

@@ -1,0 +1,354 @@
+"""Evaluation (issue 7): reference statistics, FID / IS / KID / precision-recall, parity with torch-fidelity.
+
+The Inception weights are made here: torch-fidelity's own network class, randomly initialised, its
+batch-norm statistics set from one batch of images (else a random 50-layer net's features vanish
+to ~1e-8 and every metric is ~0), saved the way torch-fidelity loads them. The image sets are 40
+demo scenes (reference, as PNG files and as tar shards of the same PNGs) and 40 other scenes with
+added grain (the "generated" set).
+"""
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from safetensors.torch import load_file
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+import jobs.config
+from jobs.distributed import free_port
+from jobs.eval_config import EvaluateConfig, FidStatsConfig
+from jobs.evaluate import evaluate
+from jobs.fid_stats import fid_stats
+from pipeline.demo_scenes import render, scene_for_index
+from pipeline.fid import PROTOCOL_FILE, STATS_FILE, iter_slice, open_source
+from pipeline.inception import WEIGHTS_FILENAME, find_inception_weights, load_inception
+from pipeline.shards import write_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+NUM_IMAGES, SIZE = 40, 32
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# our metric name -> torch-fidelity's key (we keep its names)
+METRIC_KEYS = ("frechet_inception_distance", "inception_score_mean", "inception_score_std",
+               "kernel_inception_distance_mean", "kernel_inception_distance_std", "precision", "recall")
+jobs.config.register_schemas()
+
+
+class _RandomInception(FeatureExtractorInceptionV3):
+    """torch-fidelity's network with its random initialisation kept (its loader is skipped)."""
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        return None
+
+
+def make_inception_weights(path: Path, calibration_N3HW: torch.Tensor) -> Path:
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = _RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative: the statistics of exactly this batch
+    net.train()
+    with torch.no_grad():
+        net(calibration_N3HW)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def scene(index: int, seed: int, grain: float) -> np.ndarray:
+    rng = np.random.default_rng([seed, index])
+    image = np.asarray(render(scene_for_index(index, seed), size=SIZE, rng=rng), dtype=np.float32)
+    return np.clip(image + rng.normal(0, grain, image.shape), 0, 255).astype(np.uint8)
+
+
+def png_bytes(image_HW3: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image_HW3).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evaluate")
+    sets = {"real": [scene(i, 0, grain=0) for i in range(NUM_IMAGES)],
+            "fake": [scene(i, 1, grain=25) for i in range(NUM_IMAGES)]}
+    for name, images in sets.items():
+        (root / name).mkdir()
+        for i, image in enumerate(images):
+            (root / name / f"{i:04d}.png").write_bytes(png_bytes(image))
+    (root / "shards").mkdir()
+    for shard in range(2):  # the same PNGs as the real folder, 20 per shard
+        samples = [{"__key__": f"{i:04d}", "png": png_bytes(sets["real"][i]), "txt": b"a scene"}
+                   for i in range(shard * 20, shard * 20 + 20)]
+        write_shard(root / "shards" / f"{shard:05d}.tar", samples)
+    calibration = torch.from_numpy(np.stack(sets["real"][:2] + sets["fake"][:2])).permute(0, 3, 1, 2)
+    return {"root": root, "real": root / "real", "fake": root / "fake", "shards": root / "shards",
+            "weights": make_inception_weights(root / WEIGHTS_FILENAME, calibration)}
+
+
+def make_config(name: str, schema: type, overrides: list[str]):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return jobs.config.to_dataclass(compose(name, overrides=overrides), schema)
+
+
+def stats_overrides(data: dict, reference: Path, out: Path, **extra) -> list[str]:
+    values = {"reference": reference, "out": out, "inception.weights_path": data["weights"],
+              "inception.allow_download": False, "inception.batch_size": 20} | extra
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def eval_overrides(data: dict, stats: Path, out_dir: Path, **extra) -> list[str]:
+    values = {"reference_stats": stats, "out_dir": out_dir, "inception.weights_path": data["weights"],
+              "inception.allow_download": False, "inception.batch_size": 20, "logger": "disabled",
+              "metrics.kid_subsets": 20} | extra
+    if "source" not in values:
+        values["images"] = data["fake"]
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def run_module(module: str, overrides: list[str], hydra_dir: Path, num_ranks: int) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_ranks}",
+                f"--master_port={free_port()}", "-m"] if num_ranks > 1 else [sys.executable, "-m"]
+    command = [*launcher, module, *overrides, f"hydra.run.dir={hydra_dir}", f"hydra.sweep.dir={hydra_dir}"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def torch_fidelity_metrics(**kwargs) -> dict:
+    """torch_fidelity.calculate_metrics(**kwargs), in a process with one BLAS thread: its FID solves a
+    2048 x 2048 eigenproblem, which on 2 busy cores takes 3x longer with two OpenBLAS threads."""
+    script = ("import json, sys, torch_fidelity\n"
+              "print(json.dumps(torch_fidelity.calculate_metrics(**json.loads(sys.argv[1]))))")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(kwargs)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def small_stats(data) -> Path:
+    """Statistics of the first 8 reference images, computed in this process (one rank, no process group)."""
+    out = data["root"] / "small.stats"
+    summary = fid_stats(make_config("fid_stats", FidStatsConfig,
+                                    stats_overrides(data, data["real"], out, max_samples=8)))
+    assert summary["cached"] is False and summary["num_samples"] == 8
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_torch_fidelity(data, tmp_path):
+    """fid_stats over the shards, then evaluate over the "generated" folder, each on 2 ranks (torchrun,
+    gloo) == torch_fidelity.calculate_metrics on the two folders with the same weights (one process):
+    the same reference features as torch-fidelity's own (its feature cache), the same metrics.
+    (evaluate on 1 vs 2 ranks: the generation test below.)"""
+    stats = tmp_path / "real.stats"
+    run_module("jobs.fid_stats", stats_overrides(data, data["shards"], stats), tmp_path / "h1", 2)
+    run_module("jobs.evaluate", eval_overrides(data, stats, tmp_path / "eval"), tmp_path / "h2", 2)
+    ours = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    theirs = torch_fidelity_metrics(
+        input1=str(data["fake"]), input2=str(data["real"]), fid=True, isc=True, kid=True, prc=True,
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(data["weights"]),
+        kid_subsets=20, kid_subset_size=NUM_IMAGES, cuda=False, save_cpu_ram=True, verbose=False,
+        cache=True, cache_root=str(tmp_path / "fidelity_cache"), input2_cache_name="real")
+
+    ours_stats = load_file(stats / STATS_FILE)
+    assert torch.equal(ours_stats["index"], torch.arange(NUM_IMAGES))  # shards read in order, by 2 ranks
+    for key in ("2048", "logits_unbiased"):  # 2 ranks over shards == torch-fidelity over the PNG folder
+        their_features = torch.load(tmp_path / "fidelity_cache" / f"real-inception-v3-compat-features-{key}.pt",
+                                    weights_only=True)
+        torch.testing.assert_close(ours_stats[key], their_features, rtol=1e-5, atol=1e-6)
+    assert ours_stats["mu"].dtype == torch.float32 and ours_stats["sigma"].dtype == torch.float64  # as theirs
+    assert theirs["frechet_inception_distance"] > 1.0  # the weights tell the sets apart: not a vacuous test
+    assert theirs["inception_score_mean"] > 1.01
+    for key in METRIC_KEYS:
+        assert ours["metrics"][key] == pytest.approx(theirs[key], abs=1e-3), key
+    assert ours["num_samples"] == NUM_IMAGES and ours["protocol"]["kid_subset_size"] == NUM_IMAGES
+    assert ours["protocol"]["weights_sha256"] == json.loads((stats / PROTOCOL_FILE).read_text())["weights_sha256"]
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def test_missing_weights_name_both_options(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with pytest.raises(ValueError, match="inception.weights_path") as err:
+        find_inception_weights(None, allow_download=False)
+    assert WEIGHTS_FILENAME in str(err.value) and str(tmp_path / "torch_home") in str(err.value)
+    with pytest.raises(ValueError, match="is not a file"):
+        find_inception_weights(str(tmp_path / "nowhere.pth"))
+
+
+def test_missing_weights_stop_the_job_before_any_work(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    overrides = stats_overrides(data, data["real"], tmp_path / "x.stats", **{"inception.weights_path": "null"})
+    with pytest.raises(ValueError, match=WEIGHTS_FILENAME):
+        fid_stats(make_config("fid_stats", FidStatsConfig, overrides))
+    assert not (tmp_path / "x.stats").exists()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["EVIL_MARKER"]),))
+
+
+def test_weights_are_never_unpickled_beyond_tensors(tmp_path, monkeypatch):
+    marker = tmp_path / "code_ran"
+    monkeypatch.setenv("EVIL_MARKER", str(marker))
+    evil = tmp_path / "evil.pth"
+    torch.save({"conv.weight": torch.zeros(1), "payload": _Payload()}, evil)
+    with pytest.raises(pickle.UnpicklingError):
+        load_inception(str(evil))
+    assert not marker.exists()
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(ValueError, match="is not torch-fidelity's Inception"):
+        load_inception(str(wrong))
+
+
+# ---------------------------------------------------------------------------------------------- image sets
+
+
+def test_slices_keep_global_indices_and_bad_images_lose_nothing(data, tmp_path):
+    """Rank r of W gets indices r, r + W, ...; a corrupt file or an imageless sample is counted and
+    skipped without shifting any other image's index; max_samples takes the first N."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.png").write_bytes((data["real"] / f"{i:04d}.png").read_bytes())
+    (folder / "2.png").write_bytes(b"not a png")
+    (folder / "notes.txt").write_text("ignored")
+    source, errors = open_source(folder), {}
+    assert source.kind == "images" and len(source.files) == 5
+    assert [i for i, _ in iter_slice(source, 0, 2, errors=errors)] == [0, 4]  # index 2 was the corrupt one
+    assert [(i, tuple(x.shape)) for i, x in iter_slice(source, 1, 2)] == [(1, (3, SIZE, SIZE)), (3, (3, SIZE, SIZE))]
+    assert errors == {"corrupt_image": 1}
+    assert [i for i, _ in iter_slice(source, 0, 1, max_samples=2)] == [0, 1]
+    assert [tuple(x.shape) for _, x in iter_slice(source, 0, 1, resolution=24, max_samples=1)] == [(3, 24, 24)]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards / "00000.tar", [{"__key__": "a", "txt": b"no image"},
+                                       {"__key__": "b", "png": (data["real"] / "0000.png").read_bytes()}])
+    errors = {}
+    assert [i for i, _ in iter_slice(open_source(shards), 0, 1, errors=errors)] == [0]
+    assert errors == {"no_image": 1}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no \\*.tar shards and no png/jpg/jpeg images"):
+        open_source(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+def test_stats_cache_is_reused_and_another_protocol_refused(data, tmp_path):
+    out = tmp_path / "x.stats"
+    run = lambda **extra: fid_stats(make_config("fid_stats", FidStatsConfig,  # noqa: E731
+                                                stats_overrides(data, data["real"], out, **extra)))
+    first = run(max_samples=4)
+    assert (first["cached"], first["num_samples"], first["skipped"]) == (False, 4, {})
+    written = (out / STATS_FILE).stat().st_mtime_ns
+    assert run(max_samples=4)["cached"] is True
+    assert (out / STATS_FILE).stat().st_mtime_ns == written
+    with pytest.raises(ValueError, match="max_samples: 4 there, 5 now.*overwrite=true"):
+        run(max_samples=5)
+    with pytest.raises(ValueError, match="resolution"):
+        run(max_samples=4, resolution=24)
+    assert run(max_samples=5, overwrite=True)["num_samples"] == 5
+    protocol = json.loads((out / PROTOCOL_FILE).read_text())
+    assert protocol["num_samples"] == 5 and protocol["source"] == open_source(data["real"]).describe()
+    assert sorted(load_file(out / STATS_FILE)) == ["2048", "index", "logits_unbiased", "mu", "sigma"]
+    assert not list(tmp_path.glob("x.stats.*"))  # no temp or old folder left behind
+
+
+def test_evaluate_refuses_statistics_of_another_protocol(data, small_stats, tmp_path):
+    overrides = eval_overrides(data, small_stats, tmp_path / "e", resolution=24)
+    with pytest.raises(ValueError, match="resolution: None there, 24 here"):
+        evaluate(make_config("evaluate", EvaluateConfig, overrides))
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["source=z"], "set num_samples=N"),
+    (["source=z", "images=w", "num_samples=10"], "exactly one of source"),
+    (["source=z", "num_samples=4"], "metrics.isc_splits=10"),
+    (["images=w", "prompt_file=p"], "drop prompt_file"),
+    (["images=w", "metrics.fid=false", "metrics.isc=false", "metrics.kid=false", "metrics.prc=false"], "every metric"),
+])
+def test_bad_evaluate_config_names_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config("evaluate", EvaluateConfig, ["reference_stats=x", *overrides])
+
+
+def test_conditions_cycle_through_prompts_and_classes(tmp_path):
+    from factories import tiny_bundle
+
+    from jobs.evaluate import condition_rule
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\n")
+    text = make_config("evaluate", EvaluateConfig, ["reference_stats=x", "out_dir=y", "source=z", "num_samples=10",
+                                                    f"prompt_file={prompts}"])
+    assert condition_rule(tiny_bundle("debug-t2i"), text)([4, 5]).prompts == ["a red circle", "a blue square"]
+    classes = make_config("evaluate", EvaluateConfig, ["reference_stats=x", "out_dir=y", "source=z", "num_samples=10"])
+    assert condition_rule(tiny_bundle("debug-cin"), classes)([3, 13]).class_ids == [3, 3]  # 10 classes, in turn
+    with pytest.raises(ValueError, match="not text-conditional: drop prompt_file"):
+        condition_rule(tiny_bundle("debug-cin"), text)
+    with pytest.raises(ValueError, match="set prompt_file"):
+        condition_rule(tiny_bundle("debug-t2i"), classes)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    """A class-conditional debug model (no tokenizer to build: cheaper per process than text)."""
+    from factories import tiny_bundle
+
+    from pipeline.ldm_bundle import save_ldm
+
+    return save_ldm(tiny_bundle("debug-cin"), tmp_path_factory.mktemp("export") / "ldm")
+
+
+@pytest.mark.slow
+def test_guidance_sweep_is_one_multirun_and_ranks_do_not_change_it(data, small_stats, export, tmp_path):
+    """`-m sampling.guidance_scale=1,3`: one folder per point, from one process and from 2 ranks under
+    torchrun (whose points share one process group), with the same samples and metrics. FID is off
+    here: its 2048 x 2048 eigenproblem is the slowest step on CPU, and the parity test covers it."""
+    common = {"source": export, "num_samples": 4, "sampling.num_steps": 2, "metrics.isc_splits": 2,
+              "metrics.fid": False, "save_images": True}
+    overrides = [o for o in eval_overrides(data, small_stats, tmp_path, **common) if not o.startswith("out_dir")]
+    sweeps = {ranks: tmp_path / f"sweep{ranks}" for ranks in (1, 2)}
+    for ranks, folder in sweeps.items():
+        run_module("jobs.evaluate", ["-m", "sampling.guidance_scale=1,3", *overrides], folder, ranks)
+    points = {ranks: [json.loads((folder / str(n) / "metrics.json").read_text()) for n in (0, 1)]
+              for ranks, folder in sweeps.items()}
+    assert [p["sampling"]["guidance_scale"] for p in points[1]] == [1.0, 3.0]
+    assert points[1][0]["metrics"] != points[1][1]["metrics"]
+    assert points[1][0]["source"]["kind"] == "export" and points[1][0]["num_samples"] == 4
+    assert "frechet_inception_distance" not in points[1][0]["metrics"]
+    for n in (0, 1):
+        assert points[2][n]["sampling"] == points[1][n]["sampling"]
+        for key in METRIC_KEYS[1:]:  # the same pixels; Inception's batches differ (2 vs 4 images): rounding
+            assert points[2][n]["metrics"][key] == pytest.approx(points[1][n]["metrics"][key], rel=1e-4,
+                                                                  abs=1e-3), key
+        for i in range(4):  # the same samples (a UNet batch of 2 vs 4 may flip a rounding: 1 level at most)
+            two, one = (np.asarray(Image.open(sweeps[r] / str(n) / "samples" / f"{i:06d}.png"), dtype=np.int16)
+                        for r in (2, 1))
+            assert np.abs(two - one).max() <= 1 and (two != one).mean() < 1e-3
