@@ -65,14 +65,7 @@ VAE_CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine OpenMP's spinning
-    workers made this file 5-8x slower (measured: 60-100 s vs 12 s at load average 7 on 2 cores)."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturbed(module: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:

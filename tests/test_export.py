@@ -26,12 +26,7 @@ single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
 ATOL = 1e-5  # max abs, fp32 (issue 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

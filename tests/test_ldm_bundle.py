@@ -21,12 +21,7 @@ from pipeline.ldm_bundle import load_ldm, save_ldm
 LATEST = "checkpoints/step_00000002"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

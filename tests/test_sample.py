@@ -38,13 +38,7 @@ LATENT_ATOL = 1e-4  # batching may change float rounding in the UNet's batched k
 jobs.config.register_schemas()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: on 2 shared cores, intra-op threads only stall each other.
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

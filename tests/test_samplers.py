@@ -29,14 +29,7 @@ MIX_STD = torch.tensor([0.3, 0.5], dtype=torch.float64)
 NUM_POINTS = 4000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Thousands of 2-D points: intra-op threads only add overhead, and on a loaded 2-core
-    # machine their spin-waits made the training test ~50x slower in our measurements.
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _alpha_bar(t_B):
