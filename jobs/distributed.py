@@ -18,6 +18,7 @@ NCCL on CUDA, gloo on CPU. Every helper below also works without a process group
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,9 @@ def _single_process_env() -> dict[str, str]:
             "MASTER_PORT": str(free_port())}
 
 
+_ADDED_ENV: set[str] = set()  # what init_distributed put in os.environ; cleanup takes it out again
+
+
 def init_distributed(always_init_process_group: bool = False, device: str = "auto") -> DistInfo:
     """Join the process group the launcher describes; see the module doc.
 
@@ -98,7 +102,10 @@ def init_distributed(always_init_process_group: bool = False, device: str = "aut
     env = launcher_env()
     if not env and always_init_process_group:
         env = _single_process_env()
-    os.environ.update(env)  # init_process_group's env:// reads them (srun mapping included)
+    for name, value in env.items():  # init_process_group's env:// reads them (srun mapping included)
+        if name not in os.environ:
+            _ADDED_ENV.add(name)
+        os.environ[name] = value
     rank, world_size = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
     local_rank = int(env.get("LOCAL_RANK", 0))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -184,5 +191,13 @@ def average_gradients(parameters) -> None:
 
 
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """End the process group. When DeepSpeed used it, through deepspeed.comm, which also drops the
+    groups DeepSpeed cached (a later engine in this process would otherwise find stale ones)."""
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()
+    elif dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    for name in _ADDED_ENV:
+        os.environ.pop(name, None)
+    _ADDED_ENV.clear()

@@ -14,6 +14,10 @@ ldm_setup_env() {
     # shellcheck disable=SC1091
     source "$LDM_VENV/bin/activate"
   fi
+  # sbatch exports the submitting shell's environment: rank variables left there (a torchrun or an
+  # in-process job in that shell) would make every task of this job "rank 0 of 1" on a stale port.
+  # Ranks come from this allocation (srun, or torchrun_env below).
+  unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK MASTER_ADDR MASTER_PORT
   export HYDRA_FULL_ERROR=1 NO_ALBUMENTATIONS_UPDATE=1
   export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
   # Without this Ray 2.60 writes an auth token under ~/.ray, shared by every job of the user.

@@ -1,5 +1,6 @@
 """jobs/distributed.py (launcher discovery, single-process fallback) and jobs/metrics.py."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -64,6 +65,27 @@ def test_single_process_can_get_a_one_rank_group(monkeypatch):
         assert distributed.all_gather_object("x") == ["x"]
     finally:
         distributed.cleanup()
+    assert not {"RANK", "MASTER_PORT"} & set(os.environ)  # the invented rendezvous went with the group
+
+
+
+def test_cleanup_lets_a_later_deepspeed_engine_start_in_the_same_process(monkeypatch):
+    """In-process jobs (tests, notebooks) run one after another: ending the group must also drop the
+    groups DeepSpeed cached, or the next engine broadcasts over a destroyed one."""
+    import deepspeed
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    config = {"train_batch_size": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+              "zero_optimization": {"stage": 1}}
+    for _ in range(2):
+        init_distributed(always_init_process_group=True, device="cpu")
+        try:
+            engine, *_ = deepspeed.initialize(model=torch.nn.Linear(2, 2), config=config)
+            engine.backward(engine(torch.ones(1, 2)).sum())
+            engine.step()
+        finally:
+            distributed.cleanup()
 
 
 def test_metrics_jsonl_images_and_resume_truncation(tmp_path):

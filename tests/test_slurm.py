@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -303,7 +304,7 @@ def test_ingest_array_runs_one_task_per_input_part(slurm_cluster, short_tmp, tmp
     assert "matches 2 files: submit with --array=0-1" in logs[2]
 
 
-def test_evaluate_template_runs_one_rank_per_task(slurm_cluster, tmp_path):
+def test_evaluate_template_runs_one_rank_per_task(slurm_cluster, tmp_path, monkeypatch):
     """jobs.evaluate in images= mode (no model) as 2 srun tasks: each rank extracts the features of
     its half, rank 0 gathers all 4 and alone writes metrics.json and prints the summary (two
     unconnected processes would both print one). Inception: test_evaluate's random network, its
@@ -333,7 +334,14 @@ def test_evaluate_template_runs_one_rank_per_task(slurm_cluster, tmp_path):
                  *inception, "logger=disabled", "metrics.isc_splits=2", "metrics.kid_subsets=2",
                  "metrics.kid_subset_size=2", f"hydra.run.dir={tmp_path}/hydra"]
     flags = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10", "--signal=B:USR1@30"]
-    code, _ = _sbatch_wait(slurm_cluster, flags, ["slurm/evaluate.sbatch", *overrides], log)
+    with socket.socket() as busy:  # stale rank variables in the submitting shell must not reach the tasks
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        stale = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(busy.getsockname()[1])}
+        for name, value in stale.items():
+            monkeypatch.setenv(name, value)
+        code, _ = _sbatch_wait(slurm_cluster, flags, ["slurm/evaluate.sbatch", *overrides], log)
     text = log.read_text()
     assert code == 0, text[-4000:]
     summaries = [json.loads(line) for line in text.splitlines() if line.startswith("{")]

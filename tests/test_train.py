@@ -65,7 +65,7 @@ def final_weights(run_dir: Path) -> tuple[dict, dict]:
 @pytest.mark.parametrize("experiment", ["demo", "t2i-1.45b"])
 def test_experiments_compose_and_validate(experiment):
     cfg = make_config([f"experiment={experiment}", "data.path=data/latents"])
-    assert cfg.model.preset == {"demo": "debug-t2i", "t2i-1.45b": "ldm-kl8-t2i-1.45b"}[experiment]
+    assert cfg.model.preset == {"demo": "demo-t2i", "t2i-1.45b": "ldm-kl8-t2i-1.45b"}[experiment]
     if experiment == "t2i-1.45b":  # Tab. 15
         assert (cfg.optim.lr, cfg.trainer.max_steps, cfg.trainer.global_batch_size) == (1e-4, 390_000, 680)
 
