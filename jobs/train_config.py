@@ -92,6 +92,7 @@ class OptimConfig:
     warmup_steps: int = 0              # linear warm-up from 0
     schedule: str = "constant"         # after warm-up: constant | cosine | linear (to min_lr_ratio * lr)
     min_lr_ratio: float = 0.0
+    fused: bool = True                 # torch's fused AdamW: one kernel per step instead of ~10 passes
 
     def __post_init__(self):
         _check([(self.lr > 0, f"optim.lr={self.lr}: must be positive"),

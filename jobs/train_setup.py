@@ -123,8 +123,8 @@ def build_optimizer(cfg: TrainConfig, module: nn.Module):
     A torch optimizer handed to DeepSpeed (no "optimizer" block): nothing JIT-builds (DESIGN.md).
     """
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused or None)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_lambda, cfg.optim, cfg.trainer.max_steps))
     return optimizer, schedule
 

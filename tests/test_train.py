@@ -76,6 +76,17 @@ def test_trainer_groups_set_the_zero_stage(stage):
     assert cfg.trainer.zero_stage == stage
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_is_the_fused_kernel_unless_switched_off(fused):
+    """One fused kernel per step: the unfused AdamW's ~10 passes over the flat ZeRO partition made
+    the optimizer step about as costly as DeepSpeed's own step overhead (bench/train_step.py)."""
+    from jobs.train_setup import build_optimizer
+
+    cfg = make_config(["experiment=demo", "data.path=x", f"optim.fused={str(fused).lower()}"])
+    optimizer, _ = build_optimizer(cfg, torch.nn.Linear(2, 2))
+    assert bool(optimizer.defaults["fused"]) is fused
+
+
 @pytest.mark.parametrize("override, key", [("trainer.zero_stage=4", "trainer.zero_stage"),
                                            ("trainer.precision=fp8", "trainer.precision"),
                                            ("optim.schedule=step", "optim.schedule"),
