@@ -16,10 +16,8 @@ our layout (names, dtypes, shapes, bytes), so the same weights have the same ide
 import dataclasses
 import hashlib
 import json
-import os
 import pickle
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from ldm.ae_config import AUTOENCODER_PRESETS, NUM_GROUPS, AutoencoderConfig
 from ldm.autoencoder import build_autoencoder
 from ldm.convert import autoencoder_from_diffusers, first_stage_weights, load_into, split_compvis_state_dict
+from pipeline.shards import atomic_folder
 from pipeline.weights import load_state_dict
 
 FORMAT, VERSION = "ldm-pipeline/autoencoder", 1
@@ -64,21 +63,14 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 def save_autoencoder(model: torch.nn.Module, cfg: AutoencoderConfig, folder: str | Path,
                      scale_factor: float | None = None, source: str = "") -> Path:
     """Write our artifact (formats.md) into a temp folder, then rename it into place."""
-    folder = Path(folder)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("loss.")}
-    save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-    config = {"format": FORMAT, "version": VERSION, "config": config_to_dict(cfg),
-              "scale_factor": scale_factor, "source": source}
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)  # a reader sees the old or the new folder, never a mix
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+    with atomic_folder(folder) as tmp:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+                   if not k.startswith("loss.")}
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        config = {"format": FORMAT, "version": VERSION, "config": config_to_dict(cfg),
+                  "scale_factor": scale_factor, "source": source}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return Path(folder)
 
 
 def _frozen(model: torch.nn.Module) -> torch.nn.Module:

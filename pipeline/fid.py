@@ -20,8 +20,6 @@ so every number is the same whatever the number of ranks.
 import hashlib
 import io
 import json
-import os
-import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +35,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 
 from pipeline.inception import FEATURES_2048, LOGITS
-from pipeline.shards import atomic_write_json, iter_samples
+from pipeline.shards import atomic_folder, atomic_write_json, iter_samples
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")  # torch-fidelity's samples_find_ext
 STATS_FILE, PROTOCOL_FILE = "stats.safetensors", "protocol.json"
@@ -198,19 +196,10 @@ def statistics(features_N2048: torch.Tensor) -> dict[str, torch.Tensor]:
 def save_stats(folder: str | Path, tensors: dict[str, torch.Tensor], protocol: dict) -> Path:
     """A stats folder (stats.safetensors + protocol.json), written under a temp name then renamed,
     so a killed job never leaves one that looks complete. An existing folder is replaced."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / STATS_FILE))
-    atomic_write_json(tmp / PROTOCOL_FILE, {"format": STATS_FORMAT, "version": 1, **protocol})
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+    with atomic_folder(folder) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / STATS_FILE))
+        atomic_write_json(tmp / PROTOCOL_FILE, {"format": STATS_FORMAT, "version": 1, **protocol})
+    return Path(folder)
 
 
 def read_protocol(folder: str | Path) -> dict | None:

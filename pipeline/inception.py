@@ -22,6 +22,8 @@ import torch
 import torch_fidelity
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
+from pipeline.weights import find_weights_file
+
 FEATURE_EXTRACTOR = "inception-v3-compat"  # torch-fidelity's registry name of this network
 WEIGHTS_FILENAME = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
 # torch-fidelity's default feature layer per metric: 2048-d pool features for FID, KID and (our
@@ -63,19 +65,12 @@ def _where_to_put_them(path: Path) -> str:
 def find_inception_weights(weights_path: str | None = None, allow_download: bool = False) -> Path:
     """weights_path if given, else torch-fidelity's download location (downloading there first
     when allowed); ValueError naming both options when neither has the file."""
-    if weights_path is not None:
-        if not Path(weights_path).is_file():
-            raise ValueError(f"inception.weights_path={weights_path!r} is not a file: point it at a copy of "
-                             f"torch-fidelity's {WEIGHTS_FILENAME}")
-        return Path(weights_path)
     path = default_weights_path()
-    if not path.is_file() and allow_download:
-        _download(path)
-    if not path.is_file():
-        raise ValueError(f"FID/IS/KID need torch-fidelity's Inception weights and none were found: "
-                         f"{_where_to_put_them(path)}, or set inception.allow_download=true on a machine "
-                         f"with network access")
-    return path
+    return find_weights_file(
+        weights_path, "inception.weights_path", f"a copy of torch-fidelity's {WEIGHTS_FILENAME}", path,
+        _download if allow_download else None,
+        f"FID/IS/KID need torch-fidelity's Inception weights and none were found: {_where_to_put_them(path)}, "
+        f"or set inception.allow_download=true on a machine with network access")
 
 
 def file_sha256(path: str | Path) -> str:

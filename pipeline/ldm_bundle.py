@@ -19,8 +19,6 @@ builds the UNet and then the conditioner (jobs/train_loop.setup, jobs/train_setu
 same two constructions under the same seed rebuild it exactly (tests/test_ldm_bundle.py holds this).
 """
 import json
-import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from ldm.schedules import NoiseSchedule
 from ldm.unet import UNet
 from pipeline.autoencoder_io import load_autoencoder, save_autoencoder
 from pipeline.latent_manifest import MANIFEST_FILE, read_manifest
+from pipeline.shards import atomic_folder
 from pipeline.train_checkpoint import (checkpoint_step, ema_weights, raw_weights, read_train_config,
                                        resolve_checkpoint, split_train_module)
 
@@ -243,24 +242,17 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 def save_ldm(bundle: LDMBundle, folder: str | Path) -> Path:
     """Write `bundle` in our export format (module doc) into a temp folder, then rename it into place
     (an existing folder is replaced as a whole)."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_tensors(bundle.unet), tmp / UNET_FILE, metadata={"format": "pt"})
-    # A frozen pretrained text encoder is named by its identity (rebuilt and checked on load), not copied.
-    if not bundle.text_encoder and bundle.conditioner is not None and bundle.conditioner.state_dict():
-        save_file(_tensors(bundle.conditioner), tmp / CONDITIONER_FILE, metadata={"format": "pt"})
-    if bundle.autoencoder is not None:
-        save_autoencoder(bundle.autoencoder, bundle.autoencoder.cfg, tmp / AUTOENCODER_DIR,
-                         scale_factor=bundle.scale_factor, source=f"ldm export of {bundle.source.get('path')}")
-    config = {"format": FORMAT, "version": VERSION, "preset": bundle.preset_name, "objective": bundle.objective,
-              "scale_factor": bundle.scale_factor, "tokenizer": bundle.tokenizer,
-              "latent_shape": list(bundle.latent_shape), "source": bundle.source, "text_encoder": bundle.text_encoder}
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)  # a reader sees the old or the new folder, never a mix
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+    with atomic_folder(folder) as tmp:
+        save_file(_tensors(bundle.unet), tmp / UNET_FILE, metadata={"format": "pt"})
+        # A frozen pretrained text encoder is named by its identity (rebuilt and checked on load), not copied.
+        if not bundle.text_encoder and bundle.conditioner is not None and bundle.conditioner.state_dict():
+            save_file(_tensors(bundle.conditioner), tmp / CONDITIONER_FILE, metadata={"format": "pt"})
+        if bundle.autoencoder is not None:
+            save_autoencoder(bundle.autoencoder, bundle.autoencoder.cfg, tmp / AUTOENCODER_DIR,
+                             scale_factor=bundle.scale_factor, source=f"ldm export of {bundle.source.get('path')}")
+        config = {"format": FORMAT, "version": VERSION, "preset": bundle.preset_name, "objective": bundle.objective,
+                  "scale_factor": bundle.scale_factor, "tokenizer": bundle.tokenizer,
+                  "latent_shape": list(bundle.latent_shape), "source": bundle.source,
+                  "text_encoder": bundle.text_encoder}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    return Path(folder)

@@ -24,8 +24,6 @@ anything is written, with a message pointing at formats=[ours].
 import dataclasses
 import importlib.util
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from ldm.convert import (XT_PREFIX, check_diffusers_unet, check_diffusers_vae, d
                          join_compvis_state_dict, load_into, text_transformer_to_xtransformers, unet_to_compvis_ema)
 from ldm.presets import PRESETS, build_conditioner
 from pipeline.ldm_bundle import WEIGHTS, LDMBundle, load_ldm, save_ldm
+from pipeline.shards import atomic_folder
 
 FORMATS = ("ours", "diffusers", "compvis")
 CONDITIONER_DIR, CONDITIONER_FORMAT = "ldm_conditioner", "ldm-pipeline/conditioner"
@@ -213,14 +212,6 @@ def _num_bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _replace(tmp: Path, out_dir: Path) -> None:
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, old)  # a reader sees the old or the new export, never a mix
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export(cfg: ExportConfig) -> dict:
     """Write the formats cfg asks for (module doc); returns the summary (also out_dir/export.json)."""
     start, out_dir = time.perf_counter(), Path(cfg.out_dir)
@@ -228,18 +219,11 @@ def export(cfg: ExportConfig) -> dict:
         raise ValueError(f"out_dir={out_dir} exists: choose another out_dir or set overwrite=true")
     bundle = load_ldm(cfg.source, cfg.weights, cfg.autoencoder)
     check_exportable(bundle, cfg.formats)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out_dir) as tmp:  # a reader sees the old or the new export, never a mix
         written = {fmt: WRITERS[fmt](bundle, tmp / fmt, cfg) for fmt in cfg.formats}
         summary = {"source": bundle.source, "preset": bundle.preset_name, "out_dir": str(out_dir),
                    "formats": {fmt: str(out_dir / path.relative_to(tmp)) for fmt, path in written.items()},
                    "bytes": {fmt: _num_bytes(path) for fmt, path in written.items()},
                    "seconds": round(time.perf_counter() - start, 2)}
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _replace(tmp, out_dir)
     return summary

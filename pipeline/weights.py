@@ -38,21 +38,29 @@ def lpips_package_heads_path() -> Path | None:
     return path if path.is_file() else None
 
 
+def find_weights_file(given: str | None, key: str, what: str, default: Path, download, missing: str) -> Path:
+    """The weights file a user named (`key`=given; ValueError naming `what` belongs there when it is
+    not a file), else `default`, fetched there first by `download(default)` when that is given;
+    ValueError(missing) when neither has it."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise ValueError(f"{key}={given!r} is not a file: point it at {what}")
+        return Path(given)
+    if not default.is_file() and download is not None:
+        download(default)
+    if not default.is_file():
+        raise ValueError(missing)
+    return default
+
+
 def find_vgg16_weights(vgg_path: str | None = None, allow_download: bool = False) -> Path:
     """vgg_path if given, else torch hub's cache; with allow_download, fetch it there first."""
-    if vgg_path is not None:
-        if not Path(vgg_path).is_file():
-            raise ValueError(f"vgg_path={vgg_path!r} is not a file: point it at torchvision's "
-                             f"{VGG16_FILENAME} (or a .safetensors copy of it)")
-        return Path(vgg_path)
     path = default_vgg16_path()
-    if not path.is_file() and allow_download:
-        _download_vgg16(path)
-    if not path.is_file():
-        raise ValueError(f"LPIPS needs torchvision's ImageNet VGG16 weights: put {VGG16_FILENAME} "
-                         f"at {path}, or set vgg_path to a local copy, or pass "
-                         f"allow_download=True on a machine with network access")
-    return path
+    return find_weights_file(
+        vgg_path, "vgg_path", f"torchvision's {VGG16_FILENAME} (or a .safetensors copy of it)", path,
+        _download_vgg16 if allow_download else None,
+        f"LPIPS needs torchvision's ImageNet VGG16 weights: put {VGG16_FILENAME} at {path}, or set vgg_path "
+        f"to a local copy, or pass allow_download=True on a machine with network access")
 
 
 def _download_vgg16(path: Path) -> None:

@@ -33,3 +33,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(num_threads)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A new local Ray cluster for the module (2 CPUs, 200 MB object store), shut down after it."""
+    from pipeline.ray_cluster import RayConfig, init_ray
+
+    ray = init_ray(RayConfig(num_cpus=2, object_store_mb=200, temp_dir=str(tmp_path_factory.mktemp("ray"))))
+    yield ray
+    ray.shutdown()

@@ -214,3 +214,50 @@ def tiny_bundle(preset: str = "debug-t2i", seed: int = 0):
                      schedule=NoiseSchedule.from_config(p.schedule), objective=p.objective,
                      latent_shape=(p.unet.out_channels, p.latent_size, p.latent_size),
                      source={"kind": "factory", "path": None, "step": 0, "weights": "raw"})
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def make_inception_weights(path: Path, calibration_N3HW: torch.Tensor) -> Path:
+    """torch-fidelity's Inception network randomly initialised (no hub here), its batch-norm statistics
+    set from one batch of images (else a random 50-layer net's features vanish to ~1e-8 and every
+    metric is ~0), saved the way torch-fidelity loads it."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class RandomInception(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random initialisation
+            return None
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative: the statistics of exactly this batch
+    net.train()
+    with torch.no_grad():
+        net(calibration_N3HW)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def scene(index: int, seed: int, grain: float, size: int = 32) -> np.ndarray:
+    """Demo scene `index` of `seed` as an HxWx3 uint8 array, with Gaussian grain of std `grain`."""
+    from pipeline.demo_scenes import render, scene_for_index
+
+    rng = np.random.default_rng([seed, index])
+    image = np.asarray(render(scene_for_index(index, seed), size=size, rng=rng), dtype=np.float32)
+    return np.clip(image + rng.normal(0, grain, image.shape), 0, 255).astype(np.uint8)
+
+
+def png_bytes(image_HW3: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image_HW3).save(buffer, format="PNG")
+    return buffer.getvalue()

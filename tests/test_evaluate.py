@@ -6,7 +6,6 @@ to ~1e-8 and every metric is ~0), saved the way torch-fidelity loads them. The i
 demo scenes (reference, as PNG files and as tar shards of the same PNGs) and 40 other scenes with
 added grain (the "generated" set).
 """
-import io
 import json
 import os
 import pickle
@@ -20,63 +19,22 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors.torch import load_file
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 import jobs.config
+from factories import CONF, LAUNCHER_VARS, ROOT, make_inception_weights, png_bytes, scene
 from jobs.distributed import free_port
 from jobs.eval_config import EvaluateConfig, FidStatsConfig
 from jobs.evaluate import evaluate
 from jobs.fid_stats import fid_stats
-from pipeline.demo_scenes import render, scene_for_index
 from pipeline.fid import PROTOCOL_FILE, STATS_FILE, iter_slice, open_source
 from pipeline.inception import WEIGHTS_FILENAME, find_inception_weights, load_inception
 from pipeline.shards import write_shard
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 NUM_IMAGES, SIZE = 40, 32
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # our metric name -> torch-fidelity's key (we keep its names)
 METRIC_KEYS = ("frechet_inception_distance", "inception_score_mean", "inception_score_std",
                "kernel_inception_distance_mean", "kernel_inception_distance_std", "precision", "recall")
 jobs.config.register_schemas()
-
-
-class _RandomInception(FeatureExtractorInceptionV3):
-    """torch-fidelity's network with its random initialisation kept (its loader is skipped)."""
-
-    def load_state_dict(self, state_dict, strict=True, assign=False):
-        return None
-
-
-def make_inception_weights(path: Path, calibration_N3HW: torch.Tensor) -> Path:
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        net = _RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative: the statistics of exactly this batch
-    net.train()
-    with torch.no_grad():
-        net(calibration_N3HW)
-    torch.save(net.state_dict(), path)
-    return path
-
-
-def scene(index: int, seed: int, grain: float) -> np.ndarray:
-    rng = np.random.default_rng([seed, index])
-    image = np.asarray(render(scene_for_index(index, seed), size=SIZE, rng=rng), dtype=np.float32)
-    return np.clip(image + rng.normal(0, grain, image.shape), 0, 255).astype(np.uint8)
-
-
-def png_bytes(image_HW3: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image_HW3).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -170,3 +170,19 @@ def test_config_errors_name_the_key(override, key):
 def test_missing_source_is_named():
     with pytest.raises(ValueError, match="source"):
         make_config(["out_dir=y"])
+
+
+def test_atomic_folder_replaces_the_whole_folder_or_leaves_the_old_one(tmp_path):
+    from pipeline.shards import atomic_folder
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="writer failed"):
+        with atomic_folder(folder) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("writer failed")
+    assert [p.name for p in folder.iterdir()] == ["old.txt"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+    with atomic_folder(folder) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in folder.iterdir()] == ["new.txt"] and [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -14,7 +14,6 @@ from PIL import Image
 from pipeline.demo_scenes import write_demo_dataset
 from pipeline.http_server import LoopbackServer, Route
 from pipeline.ingest import IngestConfig, ingest
-from pipeline.ray_cluster import RayConfig, init_ray
 from pipeline.url_lists import MetadataFilters, Threshold
 
 pytestmark = pytest.mark.slow
@@ -25,13 +24,6 @@ def _jpeg(size):
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), (200, 30, 30)).save(buffer, "JPEG")
     return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    ray = init_ray(RayConfig(num_cpus=2, object_store_mb=200, temp_dir=str(tmp_path_factory.mktemp("ray"))))
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

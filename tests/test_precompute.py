@@ -28,7 +28,6 @@ from pipeline.latent_manifest import check_compatible, iter_latent_samples, read
 from pipeline.precompute import PrecomputeConfig, TokenizerConfig, precompute
 from pipeline.precompute_core import (ImagePolicy, encode_batch, encode_text_batch, local_encoder, local_text_encoder,
                                       prepare_image, process_shard, tar_is_complete)
-from pipeline.ray_cluster import RayConfig, init_ray
 from pipeline.shards import iter_samples, write_shard
 from pipeline.text_encoder_io import TextEncoderConfig, load_text_encoder
 
@@ -51,13 +50,6 @@ def _sample(key: str, image: bytes, caption: str | None) -> dict:
     if caption is not None:
         sample["txt"] = caption.encode()
     return sample
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    ray = init_ray(RayConfig(num_cpus=2, object_store_mb=200, temp_dir=str(tmp_path_factory.mktemp("ray"))))
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,7 @@ from pipeline.http_server import LoopbackServer
 # pytest (prepend import mode) puts tests/ on sys.path; `tests.slurm_cluster` can hit a site-packages `tests`.
 from slurm_cluster import skip_or_fail, slurm_cluster  # noqa: F401 (slurm_cluster: the session fixture)
 
-try:
-    from factories import overrides_for, write_latents
-except ImportError:  # the helpers still live in test_train.py
-    from test_train import overrides_for, write_latents
+from factories import make_inception_weights, overrides_for, png_bytes, scene, write_latents
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -307,10 +304,8 @@ def test_ingest_array_runs_one_task_per_input_part(slurm_cluster, short_tmp, tmp
 def test_evaluate_template_runs_one_rank_per_task(slurm_cluster, tmp_path, monkeypatch):
     """jobs.evaluate in images= mode (no model) as 2 srun tasks: each rank extracts the features of
     its half, rank 0 gathers all 4 and alone writes metrics.json and prints the summary (two
-    unconnected processes would both print one). Inception: test_evaluate's random network, its
+    unconnected processes would both print one). Inception: factories.make_inception_weights' random network, its
     batch norm calibrated on 2 images (the forward passes at 299 x 299 are what costs here)."""
-    from test_evaluate import make_inception_weights, png_bytes, scene
-
     from jobs.config import register_schemas, to_dataclass
     from jobs.eval_config import FidStatsConfig
     from jobs.fid_stats import fid_stats
