@@ -242,3 +242,51 @@ def test_two_ranks_train_under_zero_stage(tmp_path, latents, stage):
     assert ema["conditioner.token_embedding.weight"].shape == (49408, 64)  # whole, also under ZeRO-3
     assert all(torch.equal(ema[k], ema_straight[k]) for k in ema)
     assert (run_dir / "images" / "samples_00000006.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- memory / speed options
+
+
+def _loss_and_grads(models, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    cfg = models.preset.unet
+    z_t, t_B = torch.randn(2, cfg.in_channels, 8, 8), torch.tensor([10, 500])
+    tokens = torch.randint(1, 1000, (2, models.preset.conditioner.text.max_length))
+    loss = models.module(z_t, t_B, tokens).square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in models.module.named_parameters() if p.grad is not None}
+
+
+def test_activation_checkpointing_recomputes_blocks_and_keeps_loss_and_gradients(one_thread):
+    """trainer.activation_checkpointing wraps every UNet block from outside the model: backward runs
+    each block's forward again (that is the memory saving), and the maths is unchanged."""
+    from jobs.train_setup import build_models
+    from ldm.unet import TimestepBlock
+
+    runs = {}
+    for on in (False, True):
+        cfg = make_config(["experiment=demo", "data.path=x", "model.preset=debug-t2i",
+                           f"trainer.activation_checkpointing={str(on).lower()}"])
+        torch.manual_seed(0)
+        models = build_models(cfg, torch.device("cpu"))
+        blocks = [m for m in models.module.unet.modules() if isinstance(m, TimestepBlock)]
+        convs = [m for block in blocks for m in block.modules() if isinstance(m, torch.nn.Conv2d)]
+        calls = []
+        for conv in convs:
+            conv.register_forward_pre_hook(lambda module, args: calls.append(module))
+        loss, grads = _loss_and_grads(models)
+        runs[on] = (loss, grads, len(calls), len(convs))
+    (loss_off, grads_off, calls_off, num_convs), (loss_on, grads_on, calls_on, _) = runs[False], runs[True]
+    assert num_convs > 0 and calls_off == num_convs and calls_on == 2 * num_convs  # again in backward
+    assert torch.equal(loss_on, loss_off) and grads_on.keys() == grads_off.keys()
+    for name in grads_off:
+        torch.testing.assert_close(grads_on[name], grads_off[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_compile_is_applied_to_the_unet_from_outside():
+    from jobs.train_setup import build_models
+
+    for on in (False, True):
+        cfg = make_config(["experiment=demo", "data.path=x", f"trainer.compile={str(on).lower()}"])
+        unet = build_models(cfg, torch.device("cpu")).module.unet
+        assert (getattr(unet, "_compiled_call_impl", None) is not None) is on
