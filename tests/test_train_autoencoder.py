@@ -236,7 +236,7 @@ DDP_SCRIPT = textwrap.dedent("""
     from omegaconf import OmegaConf
     import jobs.autoencoder_loop as loop
     from jobs.autoencoder_config import TrainAutoencoderConfig
-    from jobs.distributed import all_gather_object, cleanup, init_distributed
+    from jobs.distributed import all_gather_object, barrier, cleanup, init_distributed
 
     torch.set_num_threads(1)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainAutoencoderConfig),
@@ -253,6 +253,7 @@ DDP_SCRIPT = textwrap.dedent("""
     if dist_info.is_main:
         print("IN SYNC", json.dumps(digests))
     run.metrics.close()
+    barrier()  # neither rank tears gloo down while the other still talks (seen once: rank 0 aborted)
     cleanup()
 """)
 
