@@ -124,7 +124,7 @@ def build_optimizer(cfg: TrainConfig, module: nn.Module):
     """
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused or None)
+                                  weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_lambda, cfg.optim, cfg.trainer.max_steps))
     return optimizer, schedule
 

@@ -4,6 +4,7 @@ Every file goes through `load_state_dict`: safetensors, or `torch.load(weights_o
 which refuses arbitrary pickled objects, so a tampered checkpoint cannot run code.
 """
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,7 +39,8 @@ def lpips_package_heads_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def find_weights_file(given: str | None, key: str, what: str, default: Path, download, missing: str) -> Path:
+def find_weights_file(given: str | None, key: str, what: str, default: Path,
+                      download: Callable[[Path], None] | None, missing: str) -> Path:
     """The weights file a user named (`key`=given; ValueError naming `what` belongs there when it is
     not a file), else `default`, fetched there first by `download(default)` when that is given;
     ValueError(missing) when neither has it."""

@@ -68,7 +68,6 @@ def test_single_process_can_get_a_one_rank_group(monkeypatch):
     assert not {"RANK", "MASTER_PORT"} & set(os.environ)  # the invented rendezvous went with the group
 
 
-
 def test_cleanup_lets_a_later_deepspeed_engine_start_in_the_same_process(monkeypatch):
     """In-process jobs (tests, notebooks) run one after another: ending the group must also drop the
     groups DeepSpeed cached, or the next engine broadcasts over a destroyed one."""

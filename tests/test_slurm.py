@@ -304,8 +304,8 @@ def test_ingest_array_runs_one_task_per_input_part(slurm_cluster, short_tmp, tmp
 def test_evaluate_template_runs_one_rank_per_task(slurm_cluster, tmp_path, monkeypatch):
     """jobs.evaluate in images= mode (no model) as 2 srun tasks: each rank extracts the features of
     its half, rank 0 gathers all 4 and alone writes metrics.json and prints the summary (two
-    unconnected processes would both print one). Inception: factories.make_inception_weights' random network, its
-    batch norm calibrated on 2 images (the forward passes at 299 x 299 are what costs here)."""
+    unconnected processes would both print one). Inception: make_inception_weights' random network,
+    its batch norm calibrated on 2 images (the forward passes at 299 x 299 are what costs here)."""
     from jobs.config import register_schemas, to_dataclass
     from jobs.eval_config import FidStatsConfig
     from jobs.fid_stats import fid_stats
