@@ -1,16 +1,34 @@
 # Entry points a new user needs. Each installs what it uses, so it works on a fresh machine.
-PYTHON ?= python3
-PIP := $(PYTHON) -m pip
+#
+# Everything installs into one environment and never into another: the active virtual environment
+# or conda environment when make runs inside one (conda's base excepted: that is the
+# distribution's own), else a project venv in .venv (made by scripts/make_venv.sh, which also
+# copes with a Debian/Ubuntu python3 that lacks the venv module). VENV=DIR chooses another.
+ifdef VIRTUAL_ENV
+  VENV ?= $(VIRTUAL_ENV)
+else ifneq ($(filter-out base,$(CONDA_DEFAULT_ENV)),)
+  VENV ?= $(CONDA_PREFIX)
+endif
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
 # torch first and pinned together with torchvision: these two import together here
 # (a lone torch wheel can pull a torchvision whose ops do not match).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-STAMP := .install.stamp
+# In the environment, not the work tree: a different VENV installs again.
+STAMP := $(VENV)/.ldm-pipeline.stamp
+# The environment's bin first, as activation would: child processes (torchrun, sbatch scripts,
+# Ray workers) that run `python` get this environment's.
+RUN := PATH="$(abspath $(VENV))/bin:$$PATH" HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 \
+  WANDB_MODE=offline RAY_USAGE_STATS_ENABLED=0
 
 .PHONY: install install-slurm demo test bench-cpu
 
-$(STAMP): pyproject.toml Makefile
-	$(PIP) install --quiet $(TORCH_PINS)
-	$(PIP) install --quiet -e '.[dev]'
+$(PYTHON):
+	scripts/make_venv.sh $(VENV)
+
+$(STAMP): pyproject.toml Makefile | $(PYTHON)
+	$(PYTHON) -m pip install --quiet $(TORCH_PINS)
+	$(PYTHON) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,12 +39,11 @@ install-slurm:
 
 # The embedded demo on CPU: prints a line per stage, last the JSON of its headline figures.
 demo: install
-	HF_HUB_OFFLINE=1 $(PYTHON) -m jobs.demo
+	$(RUN) $(PYTHON) -m jobs.demo
 
 # The whole CPU suite; GPU tests skip themselves without CUDA.
 test: install install-slurm
-	HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=offline RAY_USAGE_STATS_ENABLED=0 \
-	  $(PYTHON) -m pytest -q
+	$(RUN) $(PYTHON) -m pytest -q
 
 bench-cpu: install
-	$(PYTHON) bench/unet_step.py
+	$(RUN) $(PYTHON) bench/unet_step.py
