@@ -1,6 +1,6 @@
 """One first-stage training step (reconstruction + KL, Sec. 3.1) of ours against diffusers' AutoencoderKL.
 
-Both models are built from the same AutoencoderConfig (diffusers' through ldm.convert_vae's
+Both models are built from the same AutoencoderConfig (diffusers' through ldm.convert.vae's
 config mapping), get the same weights (converted), and are checked to reconstruct the
 same images before timing. A step: encode, sample z ~ q(z|x), decode, L1 + 1e-6 * KL,
 backward, Adam. LPIPS and the discriminator are left out: diffusers has no counterpart.
@@ -12,17 +12,14 @@ JSON line: img/s of both and the ratio ours / peer (>= 1.0: ours is at least as 
 """
 import argparse
 import json
-import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
+from timing import img_per_s
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from ldm.ae_config import AUTOENCODER_PRESETS  # noqa: E402
-from ldm.autoencoder import AutoencoderKL  # noqa: E402
-from ldm.convert_vae import autoencoder_to_diffusers, diffusers_vae_config  # noqa: E402
-from timing import img_per_s  # noqa: E402
+from ldm.autoencoder.config import AUTOENCODER_PRESETS
+from ldm.autoencoder.model import AutoencoderKL
+from ldm.convert.vae import autoencoder_to_diffusers, diffusers_vae_config
 
 KL_WEIGHT = 1e-6
 

@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.demo_scenes import with_base_url, write_demo_dataset
-from pipeline.http_server import LoopbackServer
-from pipeline.ingest import IngestConfig, ingest
+from jobs.demo.http_server import LoopbackServer
+from jobs.demo.scenes import with_base_url, write_demo_dataset
+from pipeline.ingest.stage import IngestConfig, ingest
 from pipeline.ray_cluster import RayConfig, init_ray
 
 

@@ -3,7 +3,7 @@ run), and the stage end to end on Ray (image shards -> latent shards + manifest)
 
 Encode-only times `encode_moments(x)` of our KL autoencoder against diffusers' `vae.encode(x)`
 built from `diffusers_vae_config` of the same config with the converted weights, interleaved
-rounds, median. End to end runs `pipeline.precompute.precompute` on demo-scene JPEG shards, on a
+rounds, median. End to end runs `pipeline.precompute.stage.precompute` on demo-scene JPEG shards, on a
 Ray cluster started beforehand (its start is not measured; the encoder actors' start is).
 Prints one JSON line; `encode_ratio` = ours / diffusers (target >= 1.0). The goal for the stage
 is >= 1,000 img/s end to end per H100 at 256^2.
@@ -23,12 +23,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from ldm.ae_config import AUTOENCODER_PRESETS
-from ldm.autoencoder import build_autoencoder
-from ldm.convert import autoencoder_to_diffusers, diffusers_vae_config
-from pipeline.autoencoder_io import save_autoencoder
-from pipeline.demo_scenes import write_demo_dataset
-from pipeline.precompute import PrecomputeConfig, precompute
+from jobs.demo.scenes import write_demo_dataset
+from ldm.autoencoder.config import AUTOENCODER_PRESETS
+from ldm.autoencoder.model import build_autoencoder
+from ldm.convert.vae import autoencoder_to_diffusers, diffusers_vae_config
+from pipeline.models.autoencoder import save_autoencoder
+from pipeline.precompute.stage import PrecomputeConfig, precompute
 from pipeline.ray_cluster import RayConfig, init_ray
 from pipeline.shards import write_shard
 

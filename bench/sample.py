@@ -1,12 +1,12 @@
 """Sampling throughput: our DDIM loop with classifier-free guidance against diffusers' DDIMScheduler
 driving diffusers' UNet2DConditionModel, with the same weights, in the same run.
 
-Ours: `pipeline.generate.generate(..., output="latents")`: tokenisation, tau_theta, per-sample
-seeded z_T, DDIM (ldm.samplers) with guidance in one batched call per step (ldm.guidance).
+Ours: `jobs.sample.generate.generate(..., output="latents")`: tokenisation, tau_theta, per-sample
+seeded z_T, DDIM (ldm.diffusion.samplers) with guidance in one batched call per step (ldm.diffusion.guidance).
 Peer: the loop a diffusers pipeline runs: the same tokeniser and tau_theta (diffusers has no
 counterpart of the paper's jointly trained text transformer), the same z_T, `DDIMScheduler` set up
-by ldm.convert.diffusers_scheduler_config, and `UNet2DConditionModel` holding our UNet's weights
-(ldm.convert.unet_to_diffusers), cond and uncond in one batched call per step. Same batch, steps,
+by ldm.convert.diffusers.diffusers_scheduler_config, and `UNet2DConditionModel` holding our UNet's weights
+(ldm.convert.diffusers.unet_to_diffusers), cond and uncond in one batched call per step. Same batch, steps,
 guidance scale and precision (bf16: autocast around both); first-stage decoding is left out of both.
 Rounds alternate so that drift of a shared machine hits both alike. Prints one JSON line: samples/s
 of both, the ratio ours / peer (>= 1.0: ours as fast), and the largest latent difference between the
@@ -18,7 +18,6 @@ two (the same maths; exact up to float rounding in fp32).
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -26,15 +25,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm.convert import diffusers_scheduler_config, diffusers_unet_config, unet_to_diffusers  # noqa: E402
-from ldm.presets import PRESETS, build_conditioner  # noqa: E402
-from ldm.schedules import NoiseSchedule  # noqa: E402
-from ldm.tokenizers import build_tokenizer  # noqa: E402
-from ldm.unet import UNet  # noqa: E402
-from pipeline.generate import SamplingConfig, generate, initial_noise, sample_generators  # noqa: E402
-from pipeline.generate_conditions import Conditions  # noqa: E402
-from pipeline.ldm_bundle import LDMBundle  # noqa: E402
+from jobs.sample.conditions import Conditions
+from jobs.sample.generate import (
+    SamplingConfig,
+    generate,
+    initial_noise,
+    sample_generators,
+)
+from ldm.convert.diffusers import diffusers_scheduler_config
+from ldm.convert.unet import diffusers_unet_config, unet_to_diffusers
+from ldm.diffusion.schedules import NoiseSchedule
+from ldm.diffusion.tokenizers import build_tokenizer
+from ldm.diffusion.unet import UNet
+from ldm.presets import PRESETS, build_conditioner
+from pipeline.models.bundle import LDMBundle
 
 WORDS = "a photo of cat red blue green circle square triangle in the top left small big".split()
 PROMPTS = ["a red circle in the top left", "a big blue square", "a photo of a cat", "a small green triangle"]

@@ -1,6 +1,6 @@
 """The whole LDM training step of jobs.train against a plain diffusers + AdamW step, same run.
 
-Ours: `jobs.train_loop.train_step` + EMA update, i.e. our latent-shard loader (reading real tar
+Ours: `jobs.train.loop.train_step` + EMA update, i.e. our latent-shard loader (reading real tar
 shards, 1 worker), the DeepSpeed ZeRO-2 engine (1 rank), the text transformer trained jointly,
 classifier-free guidance dropout, Eq. 2 loss, clipping, AdamW, EMA. Peer: diffusers'
 `UNet2DConditionModel` with the same UNet configuration (parameter counts checked equal) plus the
@@ -17,26 +17,23 @@ import argparse
 import io
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import img_per_s, matmul_peak
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-from jobs.checkpointing import CheckpointConfig  # noqa: E402
-from jobs.distributed import free_port  # noqa: E402
-from jobs.metrics import LoggerConfig  # noqa: E402
-from jobs.train_config import ModelConfig, OptimConfig, TrainConfig, TrainerConfig  # noqa: E402
-from jobs.train_loop import setup, train_step  # noqa: E402
-from jobs.train_setup import train_flops_per_image  # noqa: E402
-from ldm.presets import PRESETS, build_conditioner  # noqa: E402
-from pipeline.latent_loader import LatentDataConfig  # noqa: E402
-from pipeline.shards import write_shard  # noqa: E402
-from ldm.attention import heads_and_dim  # noqa: E402
-from timing import img_per_s, matmul_peak  # noqa: E402
+from jobs.checkpointing import CheckpointConfig
+from jobs.distributed import free_port
+from jobs.metrics import LoggerConfig
+from jobs.train.config import ModelConfig, OptimConfig, TrainConfig, TrainerConfig
+from jobs.train.loop import setup, train_step
+from jobs.train.setup import train_flops_per_image
+from ldm.diffusion.attention import heads_and_dim
+from ldm.presets import PRESETS, build_conditioner
+from pipeline.latents.loader import LatentDataConfig
+from pipeline.shards import write_shard
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

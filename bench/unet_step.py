@@ -10,15 +10,12 @@ Prints one JSON line: img/s of both and the ratio ours / peer (>= 1.0 means ours
 """
 import argparse
 import json
-import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
+from timing import img_per_s, matmul_peak
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from ldm.unet import UNet, UNetConfig  # noqa: E402
-from timing import img_per_s, matmul_peak  # noqa: E402
+from ldm.diffusion.unet import UNet, UNetConfig
 
 CPU_CONFIG = UNetConfig(4, 4, 64, (1, 2, 4), 1, (2, 4), num_heads=4, context_dim=128)
 

@@ -10,13 +10,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from jobs.autoencoder_config import TrainAutoencoderConfig
-from jobs.eval_config import EvaluateConfig, FidStatsConfig
-from jobs.sample_config import SampleConfig
-from jobs.train_config import TrainConfig
-from pipeline.ingest import IngestConfig
-from pipeline.ldm_export import ExportConfig
-from pipeline.precompute import PrecomputeConfig
+from jobs.evaluate.config import EvaluateConfig, FidStatsConfig
+from jobs.export.formats import ExportConfig
+from jobs.sample.config import SampleConfig
+from jobs.train.config import TrainConfig
+from jobs.train_autoencoder.config import TrainAutoencoderConfig
+from pipeline.ingest.stage import IngestConfig
+from pipeline.precompute.stage import PrecomputeConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 SCHEMAS = {"ingest_schema": IngestConfig, "precompute_schema": PrecomputeConfig,
@@ -46,20 +46,26 @@ def to_dataclass(cfg: DictConfig, schema: type):
     return obj
 
 
-def hydra_main(config_name: str, schema: type, job: Callable[[Any], Any]) -> Callable[[], None]:
+def hydra_main(config_name: str, schema: type, job: Callable[[Any], Any], *, name: str | None = None,
+               prepare: Callable[[DictConfig], None] | None = None) -> Callable[[], None]:
     """A job module's `main()`: compose conf/<config_name>.yaml with the command line's overrides,
-    validate it into `schema` (bad configs fail here, before any work), run `job` on it.
+    let `prepare` adjust the composed config, validate it into `schema` (bad configs fail here,
+    before any work), run `job` on it.
 
     A dict result is printed as one JSON line (the job's summary); an int result is the exit code.
+    `name` (default: config_name) is Hydra's job name: its log file is `<name>.log`.
     """
     register_schemas()
 
-    @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
     def main(cfg: DictConfig) -> None:
+        if prepare is not None:
+            prepare(cfg)
         result = job(to_dataclass(cfg, schema))
         if isinstance(result, dict):
             print(json.dumps(result), flush=True)
         elif isinstance(result, int) and result:
             sys.exit(result)
 
-    return main
+    # Hydra names the job after the last part of the task function's module (else this module: "config").
+    main.__module__ = f"jobs.{name or config_name}"
+    return hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(main)

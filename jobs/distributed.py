@@ -15,6 +15,7 @@ Launchers, in the order they are recognised:
 
 NCCL on CUDA, gloo on CPU. Every helper below also works without a process group.
 """
+import datetime
 import os
 import re
 import socket
@@ -190,9 +191,26 @@ def average_gradients(parameters) -> None:
         g.copy_(chunk.view_as(g))
 
 
-def cleanup() -> None:
+TEARDOWN_BARRIER_TIMEOUT_S = 120
+
+
+def cleanup(failed: bool | None = None) -> None:
     """End the process group. When DeepSpeed used it, through deepspeed.comm, which also drops the
-    groups DeepSpeed cached (a later engine in this process would otherwise find stale ones)."""
+    groups DeepSpeed cached (a later engine in this process would otherwise find stale ones).
+
+    On the success path every rank first meets the others in a barrier: a rank that destroyed its
+    gloo pairs while a peer was still inside the last collective aborted the peer ("terminate
+    called without an active exception"). After a failure there is no barrier (the other ranks may
+    never arrive). failed=None: decided by the exception in flight, so `finally: cleanup()` is
+    right on both paths.
+    """
+    if failed is None:
+        failed = sys.exc_info()[1] is not None
+    if not failed and is_distributed():
+        if dist.get_backend() == "gloo":  # bounded: a rank that died without raising here cannot hang us
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=TEARDOWN_BARRIER_TIMEOUT_S))
+        else:
+            dist.barrier()
     deepspeed_comm = sys.modules.get("deepspeed.comm")
     if deepspeed_comm is not None and deepspeed_comm.is_initialized():
         deepspeed_comm.destroy_process_group()

@@ -3,7 +3,7 @@
     python -m jobs.fid_stats reference=data/coco_val/images out=refs/coco256.stats resolution=256
     torchrun --nproc_per_node=8 -m jobs.fid_stats reference=data/images out=refs/laion.stats max_samples=50000
 
-Every rank extracts the features of its slice of the sorted reference list (pipeline/fid.py); the
+Every rank extracts the features of its slice of the sorted reference list (jobs/evaluate/fid.py); the
 features are gathered in global index order, so the result does not depend on the number of
 ranks; rank 0 writes the stats folder: `stats.safetensors` (mu, sigma, the 2048-d features for
 KID and precision-recall, the logits for IS, the global indices) and `protocol.json` (feature
@@ -19,11 +19,34 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from tqdm import tqdm
 
 from jobs.config import hydra_main
-from jobs.distributed import DistInfo, all_gather_object, broadcast_object, cleanup, init_distributed, print0
-from jobs.eval_config import FidStatsConfig
-from pipeline.fid import (PROTOCOL_KEYS, extract_features, in_index_order, iter_slice, mismatched_keys,
-                          open_source, read_protocol, resize_method, save_stats, statistics)
-from pipeline.inception import FEATURES_2048, LOGITS, InceptionConfig, find_inception_weights, load_inception
+from jobs.distributed import (
+    DistInfo,
+    all_gather_object,
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    print0,
+)
+from jobs.evaluate.config import FidStatsConfig
+from jobs.evaluate.fid import (
+    PROTOCOL_KEYS,
+    extract_features,
+    in_index_order,
+    iter_slice,
+    mismatched_keys,
+    open_source,
+    read_protocol,
+    resize_method,
+    save_stats,
+    statistics,
+)
+from jobs.evaluate.inception import (
+    FEATURES_2048,
+    LOGITS,
+    InceptionConfig,
+    find_inception_weights,
+    load_inception,
+)
 
 CACHE_KEYS = (*PROTOCOL_KEYS, "source", "max_samples")
 

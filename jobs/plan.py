@@ -6,7 +6,7 @@ for each ZeRO stage, the latent dataset's size on disk, and the GPU-hours of the
 given throughput. Reads the same config as jobs.train (conf/train.yaml).
 
 Memory per GPU (model states only; activations, buffers and fragmentation come on top). We train
-fp32 weights under bf16 autocast (jobs/train_setup.py), so with P trainable parameters and N GPUs:
+fp32 weights under bf16 autocast (jobs/train/setup.py), so with P trainable parameters and N GPUs:
 weights 4P, gradients 4P, AdamW m and v 8P, EMA 4P bytes, and ZeRO partitions them as in
 Rajbhandari et al. 2020 (Fig. 1), with the EMA following the weights:
     stage 0: 20P     stage 1: 12P + 8P/N     stage 2: 8P + 12P/N     stage 3: 20P/N
@@ -15,17 +15,15 @@ A frozen text encoder adds 4 bytes per parameter on every GPU.
 import json
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from jobs.config import register_schemas, to_dataclass
-from jobs.train_config import TrainConfig
-from jobs.train_setup import train_flops_per_image
+from jobs.config import hydra_main
+from jobs.train.config import TrainConfig
+from jobs.train.setup import train_flops_per_image
+from ldm.diffusion.unet import UNet
 from ldm.presets import PRESETS, build_conditioner, num_params
-from ldm.unet import UNet
 
-register_schemas()
 UNSET_PATH = "(unset)"
 
 
@@ -95,19 +93,19 @@ def format_plan(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig) -> dict:
-    if not cfg.data.path:
+def _allow_unset_data_path(cfg: DictConfig) -> None:
+    """A plan needs no data: an unset data.path gets a placeholder before TrainConfig's checks."""
+    if OmegaConf.is_missing(cfg.data, "path") or not cfg.data.path:
         cfg.data.path = UNSET_PATH
-    result = plan(to_dataclass(cfg, TrainConfig))
+
+
+def run(cfg: TrainConfig) -> dict:
+    result = plan(cfg)
     print(format_plan(result))
-    print(json.dumps(result))
-    return result
+    return result  # hydra_main prints it as the JSON line
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
+main = hydra_main("train", TrainConfig, run, name="plan", prepare=_allow_unset_data_path)
 
 if __name__ == "__main__":
     main()

@@ -11,11 +11,17 @@ from typing import NamedTuple
 
 from torch import nn
 
-from ldm.ae_config import AUTOENCODER_PRESETS
-from ldm.autoencoder import build_autoencoder
-from ldm.conditioners import ClassEmbedder, ConcatConditioner, SpatialRescaler, TextTransformer, TextTransformerConfig
-from ldm.schedules import ScheduleConfig
-from ldm.unet import UNet, UNetConfig
+from ldm.autoencoder.config import AUTOENCODER_PRESETS
+from ldm.autoencoder.model import build_autoencoder
+from ldm.diffusion.conditioners import (
+    ClassEmbedder,
+    ConcatConditioner,
+    SpatialRescaler,
+    TextTransformer,
+    TextTransformerConfig,
+)
+from ldm.diffusion.schedules import ScheduleConfig
+from ldm.diffusion.unet import UNet, UNetConfig
 
 CONDITIONER_KINDS = ("none", "text", "class", "concat", "rescaler")
 
@@ -181,7 +187,7 @@ PRESETS: dict[str, LDMPreset] = {
         ConditionerConfig("class", num_classes=10, embed_dim=64), scale_factor=None),
     "debug-uncond": LDMPreset(
         UNetConfig(4, 4, **DEBUG_UNET), "debug-vq", 16, _linear(0.0015, 0.0195)),
-    # The CPU demo (jobs/demo.py): 32x32 scenes through debug-kl (f=4) -> 8x8x4 latents, a quarter of
+    # The CPU demo (jobs/demo/run.py): 32x32 scenes through debug-kl (f=4) -> 8x8x4 latents, a quarter of
     # debug-t2i's cost per image; cross-attention at both levels ties caption words to places. The
     # schedule of the paper's class-conditional models: at t = T it keeps 1.2% of the signal where the
     # text model's keeps 6.8%, enough of an 8x8 latent for the model to read a shape's place from z_T

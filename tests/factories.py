@@ -1,7 +1,7 @@
 """Shared test factories: tiny latent folders, real tiny training runs, random in-memory LDM bundles.
 
     write_latents(folder, encoder=None)           latent shards + manifest.json (formats.md)
-    tiny_autoencoder(folder, seed=0)              a saved debug-kl first stage (pipeline/autoencoder_io.py)
+    tiny_autoencoder(folder, seed=0)              a saved debug-kl first stage (pipeline/models/autoencoder.py)
     tiny_training_run(tmp_path, zero_stage=2)     a real `jobs.train` run of debug-t2i -> its run_dir
     tiny_bundle(preset="debug-t2i", seed=0)       an LDMBundle with random weights, no files
 
@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm.ae_config import AUTOENCODER_PRESETS
-from ldm.autoencoder import build_autoencoder
+from ldm.autoencoder.config import AUTOENCODER_PRESETS
+from ldm.autoencoder.model import build_autoencoder
+from ldm.diffusion.schedules import NoiseSchedule
+from ldm.diffusion.unet import UNet
 from ldm.presets import PRESETS, build_conditioner
-from ldm.schedules import NoiseSchedule
-from ldm.unet import UNet
 from pipeline.shards import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def perturb(module: torch.nn.Module, generator: torch.Generator, std: float = 0.
 
 def tiny_autoencoder(folder: Path, seed: int = 0) -> tuple[Path, dict]:
     """A debug-kl autoencoder with perturbed random weights saved in our format: (folder, identity)."""
-    from pipeline.autoencoder_io import load_autoencoder, save_autoencoder
+    from pipeline.models.autoencoder import load_autoencoder, save_autoencoder
 
     cfg = AUTOENCODER_PRESETS[PRESET.autoencoder]
     generator = torch.Generator().manual_seed(seed)
@@ -126,7 +126,7 @@ def make_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     import jobs.config
-    from jobs.train_config import TrainConfig
+    from jobs.train.config import TrainConfig
 
     jobs.config.register_schemas()
     with initialize_config_dir(str(CONF), version_base="1.3"):
@@ -183,7 +183,7 @@ def tiny_training_run(tmp_path: Path, zero_stage: int = 2, steps: int = 2, *, nu
     if num_ranks > 1:
         torchrun_train(overrides, tmp_path / "hydra", num_ranks)
         return run_dir
-    from jobs.train_loop import train
+    from jobs.train.loop import train
 
     with single_process():
         code = train(make_config(overrides))
@@ -197,7 +197,7 @@ def tiny_training_run(tmp_path: Path, zero_stage: int = 2, steps: int = 2, *, nu
 def tiny_bundle(preset: str = "debug-t2i", seed: int = 0):
     """An LDMBundle of `preset` with random weights moved off their init (so zero-initialised output
     layers do not hide a path) and the preset's debug first stage; nothing is read or written."""
-    from pipeline.ldm_bundle import LDMBundle
+    from pipeline.models.bundle import LDMBundle
 
     p = PRESETS[preset]
     generator = torch.Generator().manual_seed(seed)
@@ -248,7 +248,7 @@ def make_inception_weights(path: Path, calibration_N3HW: torch.Tensor) -> Path:
 
 def scene(index: int, seed: int, grain: float, size: int = 32) -> np.ndarray:
     """Demo scene `index` of `seed` as an HxWx3 uint8 array, with Gaussian grain of std `grain`."""
-    from pipeline.demo_scenes import render, scene_for_index
+    from jobs.demo.scenes import render, scene_for_index
 
     rng = np.random.default_rng([seed, index])
     image = np.asarray(render(scene_for_index(index, seed), size=size, rng=rng), dtype=np.float32)

@@ -1,4 +1,4 @@
-"""First-stage autoencoders (ldm/autoencoder.py, ldm/quantize.py): CPU, debug sizes."""
+"""First-stage autoencoders (ldm/autoencoder/model.py, ldm/autoencoder/quantize.py): CPU, debug sizes."""
 import dataclasses
 import re
 
@@ -6,9 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.autoencoder import (AUTOENCODER_PRESETS, AutoencoderConfig, AutoencoderKL,
-                             DiagonalGaussian, VectorQuantizer, VQModel, build_autoencoder,
-                             latent_shape)
+from ldm.autoencoder.model import (
+    AUTOENCODER_PRESETS,
+    AutoencoderConfig,
+    AutoencoderKL,
+    DiagonalGaussian,
+    VectorQuantizer,
+    VQModel,
+    build_autoencoder,
+    latent_shape,
+)
 
 DEBUG = ("debug-kl", "debug-vq")
 

@@ -5,11 +5,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.ae_config import AUTOENCODER_PRESETS
-from ldm.autoencoder import build_autoencoder
-from ldm.convert import autoencoder_to_diffusers, diffusers_vae_config
-from pipeline.autoencoder_io import (config_from_diffusers, load_autoencoder, save_autoencoder,
-                                     state_dict_sha256)
+from ldm.autoencoder.config import AUTOENCODER_PRESETS
+from ldm.autoencoder.model import build_autoencoder
+from ldm.convert.vae import autoencoder_to_diffusers, diffusers_vae_config
+from pipeline.models.autoencoder import (
+    config_from_diffusers,
+    load_autoencoder,
+    save_autoencoder,
+    state_dict_sha256,
+)
 
 KL, VQ = AUTOENCODER_PRESETS["debug-kl"], AUTOENCODER_PRESETS["debug-vq"]
 

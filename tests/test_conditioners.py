@@ -4,10 +4,21 @@ import json
 import pytest
 import torch
 
-from ldm.conditioners import (
-    ClassEmbedder, ConcatConditioner, FrozenHFCLIPTextEncoder, FrozenOpenCLIPTextEncoder,
-    SpatialRescaler, TextTransformer, TextTransformerConfig)
-from ldm.tokenizers import BertTokenizer, HFCLIPTokenizer, OpenCLIPTokenizer, build_tokenizer
+from ldm.diffusion.conditioners import (
+    ClassEmbedder,
+    ConcatConditioner,
+    FrozenHFCLIPTextEncoder,
+    FrozenOpenCLIPTextEncoder,
+    SpatialRescaler,
+    TextTransformer,
+    TextTransformerConfig,
+)
+from ldm.diffusion.tokenizers import (
+    BertTokenizer,
+    HFCLIPTokenizer,
+    OpenCLIPTokenizer,
+    build_tokenizer,
+)
 
 DEBUG_TEXT = TextTransformerConfig(
     vocab_size=100, max_length=16, width=32, depth=2, num_heads=2, head_dim=8, empty_ids=(2, 3))

@@ -1,4 +1,4 @@
-"""Weight conversion and numerical parity with diffusers and the CompVis layout (issue 8).
+"""Weight conversion and numerical parity with diffusers and the CompVis layout.
 
 Peer implementations: diffusers' `UNet2DConditionModel`, `AutoencoderKL` and `DDIMScheduler`,
 and diffusers' own CompVis-checkpoint converters (`loaders.single_file_utils`), an independent
@@ -10,23 +10,41 @@ import random
 import pytest
 import torch
 
-from ldm.ae_config import AUTOENCODER_PRESETS, AutoencoderConfig
-from ldm.conditioners import TextTransformer, TextTransformerConfig
-from ldm.autoencoder import AutoencoderKL, build_autoencoder
-from ldm.convert import (autoencoder_from_diffusers, autoencoder_to_diffusers, compvis_ema_to_unet,
-                         diffusers_export_parts, diffusers_scheduler_config, diffusers_unet_config,
-                         diffusers_vae_config, first_stage_weights, join_compvis_state_dict, load_into,
-                         split_compvis_state_dict, text_transformer_from_xtransformers,
-                         text_transformer_to_xtransformers, unet_from_diffusers, unet_to_compvis_ema, unet_to_diffusers)
+from ldm.autoencoder.config import AUTOENCODER_PRESETS, AutoencoderConfig
+from ldm.autoencoder.model import AutoencoderKL, build_autoencoder
+from ldm.convert.bert import (
+    text_transformer_from_xtransformers,
+    text_transformer_to_xtransformers,
+)
+from ldm.convert.compvis import (
+    compvis_ema_to_unet,
+    first_stage_weights,
+    join_compvis_state_dict,
+    load_into,
+    split_compvis_state_dict,
+    unet_to_compvis_ema,
+)
+from ldm.convert.diffusers import diffusers_export_parts, diffusers_scheduler_config
+from ldm.convert.unet import (
+    diffusers_unet_config,
+    unet_from_diffusers,
+    unet_to_diffusers,
+)
+from ldm.convert.vae import (
+    autoencoder_from_diffusers,
+    autoencoder_to_diffusers,
+    diffusers_vae_config,
+)
+from ldm.diffusion.conditioners import TextTransformer, TextTransformerConfig
+from ldm.diffusion.samplers import sample_ddim, timesteps
+from ldm.diffusion.schedules import NoiseSchedule, ScheduleConfig
+from ldm.diffusion.unet import UNet, UNetConfig
 from ldm.presets import PRESETS, build_conditioner
-from ldm.samplers import sample_ddim, timesteps
-from ldm.schedules import NoiseSchedule, ScheduleConfig
-from ldm.unet import UNet, UNetConfig
 
 diffusers = pytest.importorskip("diffusers")
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
 
-UNET_ATOL = VAE_ATOL = 1e-5  # max abs, fp32 (issue 8)
+UNET_ATOL = VAE_ATOL = 1e-5  # max abs, fp32
 DDIM_ATOL = 1e-4
 
 CROSS = UNetConfig(4, 4, 32, (1, 2, 2), 1, (2, 4), num_head_channels=16, context_dim=24, transformer_depth=2)

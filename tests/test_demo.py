@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from jobs import demo
-from jobs.demo_stages import Stage, StageFailed, StageRunner, last_json_line, run_logged
-from pipeline.report import SECTIONS
+from jobs.demo import run as demo
+from jobs.demo.report import SECTIONS
+from jobs.demo.stages import Stage, StageFailed, StageRunner, last_json_line, run_logged
 
 
 class Counting:

@@ -1,5 +1,5 @@
-"""The demo dataset generator and the caption-adherence detector (pipeline/demo_scenes.py,
-pipeline/adherence.py): determinism, coverage, the parquet layout, and that the detector reads
+"""The demo dataset generator and the caption-adherence detector (jobs/demo/scenes.py,
+jobs/demo/adherence.py): determinism, coverage, the parquet layout, and that the detector reads
 its own images back, is at chance on shuffled captions and survives noise and blur."""
 from collections import Counter
 from pathlib import Path
@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFilter
 
-from pipeline.adherence import adherence, detect
-from pipeline.demo_scenes import (
+from jobs.demo.adherence import adherence, detect
+from jobs.demo.scenes import (
     ALL_SCENES,
     COLOURS,
     POSITIONS,

@@ -75,16 +75,65 @@ def test_cleanup_lets_a_later_deepspeed_engine_start_in_the_same_process(monkeyp
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
-    config = {"train_batch_size": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
-              "zero_optimization": {"stage": 1}}
+    config = {"train_batch_size": 1, "zero_optimization": {"stage": 1}}
     for _ in range(2):
         init_distributed(always_init_process_group=True, device="cpu")
         try:
-            engine, *_ = deepspeed.initialize(model=torch.nn.Linear(2, 2), config=config)
+            model = torch.nn.Linear(2, 2)  # a torch optimizer: DeepSpeed's own would JIT-build C++ (~40 s)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                                              config=config)
             engine.backward(engine(torch.ones(1, 2)).sum())
             engine.step()
         finally:
             distributed.cleanup()
+
+
+TEARDOWN_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+import torch.distributed as dist
+from jobs.distributed import all_gather_object, cleanup, init_distributed
+
+out, mode = Path(sys.argv[1]), sys.argv[2]
+info = init_distributed(device="cpu")
+all_gather_object(info.rank)
+if mode == "ok":
+    if info.rank == 1:
+        time.sleep(2)  # rank 1 reaches the end late
+        (out / "rank1_arrived").touch()
+    cleanup()
+    if info.rank == 0:  # the barrier held rank 0 until rank 1 had arrived
+        (out / "rank0_saw").write_text(str((out / "rank1_arrived").exists()))
+else:  # rank 1 fails without reaching cleanup; rank 0's cleanup after its own error must not wait for it
+    if info.rank == 1:
+        os._exit(3)
+    try:
+        raise RuntimeError("rank 0 failed too")
+    except RuntimeError:
+        pass
+    finally:
+        cleanup(failed=True)
+        (out / "rank0_saw").write_text(str(not dist.is_initialized()))
+"""
+
+
+@pytest.mark.parametrize("mode", ["ok", "failed"])
+def test_cleanup_waits_for_every_rank_only_on_the_success_path(tmp_path, mode):
+    """The gloo teardown race lives in cleanup(): on success no rank ends the group before every rank
+    has arrived; after a failure cleanup ends the group without waiting for ranks that never come."""
+    import subprocess
+    import sys
+
+    from factories import LAUNCHER_VARS, ROOT
+
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS} | {"PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={distributed.free_port()}", str(script), str(tmp_path), mode],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == (0 if mode == "ok" else 1), done.stderr[-3000:]
+    assert (tmp_path / "rank0_saw").read_text() == "True", done.stderr[-3000:]
 
 
 def test_metrics_jsonl_images_and_resume_truncation(tmp_path):

@@ -1,9 +1,9 @@
-"""EMA of the weights (ldm/ema.py), the LDM code's LitEma rule."""
+"""EMA of the weights (ldm/diffusion/ema.py), the LDM code's LitEma rule."""
 import pytest
 import torch
 from torch import nn
 
-from ldm.ema import EMA
+from ldm.diffusion.ema import EMA
 
 
 def _model(dtype=torch.float32):

@@ -1,4 +1,4 @@
-"""Evaluation (issue 7): reference statistics, FID / IS / KID / precision-recall, parity with torch-fidelity.
+"""Evaluation: reference statistics, FID / IS / KID / precision-recall, parity with torch-fidelity.
 
 The Inception weights are made here: torch-fidelity's own network class, randomly initialised, its
 batch-norm statistics set from one batch of images (else a random 50-layer net's features vanish
@@ -16,18 +16,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from factories import (
+    CONF,
+    LAUNCHER_VARS,
+    ROOT,
+    make_inception_weights,
+    png_bytes,
+    scene,
+)
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors.torch import load_file
 
 import jobs.config
-from factories import CONF, LAUNCHER_VARS, ROOT, make_inception_weights, png_bytes, scene
 from jobs.distributed import free_port
-from jobs.eval_config import EvaluateConfig, FidStatsConfig
-from jobs.evaluate import evaluate
+from jobs.evaluate.config import EvaluateConfig, FidStatsConfig
+from jobs.evaluate.fid import PROTOCOL_FILE, STATS_FILE, iter_slice, open_source
+from jobs.evaluate.inception import (
+    WEIGHTS_FILENAME,
+    find_inception_weights,
+    load_inception,
+)
+from jobs.evaluate.run import evaluate
 from jobs.fid_stats import fid_stats
-from pipeline.fid import PROTOCOL_FILE, STATS_FILE, iter_slice, open_source
-from pipeline.inception import WEIGHTS_FILENAME, find_inception_weights, load_inception
 from pipeline.shards import write_shard
 
 NUM_IMAGES, SIZE = 40, 32
@@ -259,7 +270,7 @@ def test_bad_evaluate_config_names_the_key(overrides, message):
 def test_conditions_cycle_through_prompts_and_classes(tmp_path):
     from factories import tiny_bundle
 
-    from jobs.evaluate import condition_rule
+    from jobs.evaluate.run import condition_rule
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\n")
@@ -279,7 +290,7 @@ def export(tmp_path_factory) -> Path:
     """A class-conditional debug model (no tokenizer to build: cheaper per process than text)."""
     from factories import tiny_bundle
 
-    from pipeline.ldm_bundle import save_ldm
+    from pipeline.models.bundle import save_ldm
 
     return save_ldm(tiny_bundle("debug-cin"), tmp_path_factory.mktemp("export") / "ldm")
 

@@ -1,4 +1,4 @@
-"""`python -m jobs.export` (issue 8): a real jobs.train checkpoint -> our format, a diffusers folder, the
+"""`python -m jobs.export`: a real jobs.train checkpoint -> our format, a diffusers folder, the
 CompVis layout; each read back by our loader and by diffusers (from_pretrained, its CompVis converter)."""
 import json
 import os
@@ -8,22 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import CONF, ROOT, tiny_bundle, tiny_training_run
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 import jobs.config
-from factories import CONF, ROOT, tiny_bundle, tiny_training_run
-from ldm.convert import (compvis_ema_to_unet, load_into, split_compvis_state_dict, text_transformer_from_xtransformers,
-                         unet_to_diffusers)
+from jobs.export.formats import ExportConfig, export, load_conditioner
+from ldm.convert.bert import text_transformer_from_xtransformers
+from ldm.convert.compvis import compvis_ema_to_unet, load_into, split_compvis_state_dict
+from ldm.convert.unet import unet_to_diffusers
+from ldm.diffusion.unet import UNet
 from ldm.presets import build_conditioner
-from ldm.unet import UNet
-from pipeline.autoencoder_io import load_autoencoder, state_dict_sha256
-from pipeline.ldm_bundle import load_ldm, save_ldm
-from pipeline.ldm_export import ExportConfig, export, load_conditioner
+from pipeline.models.autoencoder import load_autoencoder, state_dict_sha256
+from pipeline.models.bundle import load_ldm, save_ldm
 
 diffusers = pytest.importorskip("diffusers")
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
-ATOL = 1e-5  # max abs, fp32 (issue 8)
+ATOL = 1e-5  # max abs, fp32
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

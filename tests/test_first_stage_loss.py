@@ -11,13 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.autoencoder import AUTOENCODER_PRESETS, build_autoencoder
-from ldm.discriminator import NLayerDiscriminator
-from ldm.first_stage_loss import (FirstStageLoss, FirstStageLossConfig, adaptive_weight,
-                                  hinge_d_loss, vanilla_d_loss)
+from ldm.autoencoder.discriminator import NLayerDiscriminator
+from ldm.autoencoder.loss import (
+    FirstStageLoss,
+    FirstStageLossConfig,
+    adaptive_weight,
+    hinge_d_loss,
+    vanilla_d_loss,
+)
+from ldm.autoencoder.lpips import LPIPS
+from ldm.autoencoder.model import AUTOENCODER_PRESETS, build_autoencoder
 from ldm.image_metrics import psnr, ssim
-from ldm.lpips import LPIPS
-from pipeline import weights
+from pipeline.models import weights
 
 
 def _images(batch=2, size=32):
@@ -101,7 +106,7 @@ def test_lpips_state_dict_keys_and_bad_weights():
         model(_images(size=16), _images(size=32))
 
 
-# ---------------------------------------------------------------- pipeline/weights.py
+# ---------------------------------------------------------------- pipeline/models/weights.py
 
 def test_load_lpips_from_files_and_hub_cache(tmp_path, monkeypatch, lpips_model):
     from safetensors.torch import save_file

@@ -11,10 +11,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.demo_scenes import write_demo_dataset
-from pipeline.http_server import LoopbackServer, Route
-from pipeline.ingest import IngestConfig, ingest
-from pipeline.url_lists import MetadataFilters, Threshold
+from jobs.demo.http_server import LoopbackServer, Route
+from jobs.demo.scenes import write_demo_dataset
+from pipeline.ingest.stage import IngestConfig, ingest
+from pipeline.ingest.url_lists import MetadataFilters, Threshold
 
 pytestmark = pytest.mark.slow
 NUM_GOOD = 18

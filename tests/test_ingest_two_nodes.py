@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo_scenes import with_base_url, write_demo_dataset
-from pipeline.http_server import LoopbackServer
+from jobs.demo.http_server import LoopbackServer
+from jobs.demo.scenes import with_base_url, write_demo_dataset
 
 pytestmark = pytest.mark.slow
 RAY_ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.latent_loader import LatentDataConfig, LatentLoader
-from pipeline.latent_reader import EpochOrder, draw_eps, scan_tar
+from pipeline.latents.loader import LatentDataConfig, LatentLoader
+from pipeline.latents.reader import EpochOrder, draw_eps, scan_tar
 from pipeline.shards import write_shard
 
 C, H, W, L, D = 2, 4, 4, 6, 3

@@ -1,4 +1,4 @@
-"""The trained-model bundle (pipeline/ldm_bundle.py): loading real jobs.train checkpoints of every ZeRO stage
+"""The trained-model bundle (pipeline/models/bundle.py): loading real jobs.train checkpoints of every ZeRO stage
 (EMA and raw weights), our export format, and the errors a user meets."""
 import json
 import os
@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from factories import ROOT, perturb, tiny_bundle, tiny_training_run
 from safetensors.torch import load_file, save_file
 
 import jobs.checkpointing
-import jobs.train_loop
-import pipeline.train_checkpoint as train_checkpoint
-from factories import ROOT, perturb, tiny_bundle, tiny_training_run
+import jobs.train.loop
+import pipeline.models.checkpoint as train_checkpoint
 from ldm.presets import PRESETS
-from pipeline.autoencoder_io import load_autoencoder, state_dict_sha256
-from pipeline.ldm_bundle import load_ldm, save_ldm
+from pipeline.models.autoencoder import load_autoencoder, state_dict_sha256
+from pipeline.models.bundle import load_ldm, save_ldm
 
 LATEST = "checkpoints/step_00000002"
 
@@ -55,7 +55,7 @@ def assert_same_bundle(a, b):
 
 def test_names_agree_with_what_jobs_train_writes():
     assert (train_checkpoint.EMA_FILE, train_checkpoint.CONFIG_FILE, train_checkpoint.DEEPSPEED_TAG) == (
-        jobs.train_loop.EMA_FILE, jobs.train_loop.CONFIG_FILE, jobs.train_loop.DEEPSPEED_TAG)
+        jobs.train.loop.EMA_FILE, jobs.train.loop.CONFIG_FILE, jobs.train.loop.DEEPSPEED_TAG)
     assert train_checkpoint.COMPLETE_MARKER == jobs.checkpointing.COMPLETE_MARKER
     assert train_checkpoint.STEP_DIR.pattern == jobs.checkpointing.STEP_DIR.pattern
 
@@ -132,13 +132,13 @@ def test_zero3_on_two_ranks_consolidates_to_the_gathered_weights(tmp_path):
 def test_frozen_text_encoder_is_rebuilt_exactly(tmp_path, monkeypatch):
     """train_text_encoder=false: the checkpoint has no conditioner; the bundle rebuilds the one training used."""
     built = {}
-    real_build_models = jobs.train_loop.build_models
+    real_build_models = jobs.train.loop.build_models
 
     def recording_build_models(cfg, device):
         built["models"] = real_build_models(cfg, device)
         return built["models"]
 
-    monkeypatch.setattr(jobs.train_loop, "build_models", recording_build_models)
+    monkeypatch.setattr(jobs.train.loop, "build_models", recording_build_models)
     run = tiny_training_run(tmp_path, steps=1, train_text_encoder=False, seed=3)
     assert not any(k.startswith("conditioner.") for k in load_file(run / "checkpoints/step_00000001/ema.safetensors"))
     bundle = load_ldm(run)
@@ -185,7 +185,7 @@ def tiny_open_clip(folder: Path, width: int) -> str:
 def test_a_stored_context_run_rebuilds_its_frozen_text_encoder(tmp_path, run_dir):
     """data.use_context runs name their OpenCLIP / HF CLIP encoder in config.yaml (model.text_encoder); the
     checkpoint here is the ZeRO-2 run's with that config (same UNet shapes: context width 64)."""
-    from pipeline.text_encoder_io import TextEncoderConfig, load_text_encoder
+    from pipeline.models.text_encoder import TextEncoderConfig, load_text_encoder
 
     arch = tiny_open_clip(tmp_path / "clip", PRESETS["debug-t2i"].unet.context_dim)
     encoder, identity = load_text_encoder(TextEncoderConfig(kind="openclip", arch=arch))
@@ -248,7 +248,7 @@ def test_a_manifest_whose_autoencoder_is_gone_says_which_and_how_to_override(tmp
 
 
 def test_an_autoencoder_with_other_weights_is_refused(tmp_path, run_dir):
-    from pipeline.autoencoder_io import save_autoencoder
+    from pipeline.models.autoencoder import save_autoencoder
 
     folder = run_dir.parent / "autoencoder"
     backup = tmp_path / "backup"

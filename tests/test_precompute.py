@@ -18,18 +18,30 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from jobs.config import register_schemas, to_dataclass
-from ldm.ae_config import AUTOENCODER_PRESETS
-from ldm.autoencoder import DiagonalGaussian, build_autoencoder
-from ldm.tokenizers import OpenCLIPTokenizer
-from pipeline.autoencoder_io import load_autoencoder, save_autoencoder
-from pipeline.demo_scenes import write_demo_dataset
-from pipeline.latent_loader import LatentDataConfig, LatentLoader
-from pipeline.latent_manifest import check_compatible, iter_latent_samples, read_manifest
-from pipeline.precompute import PrecomputeConfig, TokenizerConfig, precompute
-from pipeline.precompute_core import (ImagePolicy, encode_batch, encode_text_batch, local_encoder, local_text_encoder,
-                                      prepare_image, process_shard, tar_is_complete)
+from jobs.demo.scenes import write_demo_dataset
+from ldm.autoencoder.config import AUTOENCODER_PRESETS
+from ldm.autoencoder.model import DiagonalGaussian, build_autoencoder
+from ldm.diffusion.tokenizers import OpenCLIPTokenizer
+from pipeline.latents.loader import LatentDataConfig, LatentLoader
+from pipeline.latents.manifest import (
+    check_compatible,
+    iter_latent_samples,
+    read_manifest,
+)
+from pipeline.models.autoencoder import load_autoencoder, save_autoencoder
+from pipeline.models.text_encoder import TextEncoderConfig, load_text_encoder
+from pipeline.precompute.shard import (
+    ImagePolicy,
+    encode_batch,
+    encode_text_batch,
+    local_encoder,
+    local_text_encoder,
+    prepare_image,
+    process_shard,
+    tar_is_complete,
+)
+from pipeline.precompute.stage import PrecomputeConfig, TokenizerConfig, precompute
 from pipeline.shards import iter_samples, write_shard
-from pipeline.text_encoder_io import TextEncoderConfig, load_text_encoder
 
 pytestmark = pytest.mark.slow
 RES = 32                   # debug presets: f = 4, latents 8 x 8

@@ -3,8 +3,14 @@ import dataclasses
 import pytest
 import torch
 
-from ldm.presets import PRESETS, ConditionerConfig, LDMPreset, build, trainable_num_params
-from ldm.unet import UNetConfig
+from ldm.diffusion.unet import UNetConfig
+from ldm.presets import (
+    PRESETS,
+    ConditionerConfig,
+    LDMPreset,
+    build,
+    trainable_num_params,
+)
 
 # The paper's counts that the issue holds us to (within 3%). The others in PRESETS are checked
 # against the figures measured with diffusers' equivalent blocks (shared/PAPER_CONFIGS.md).

@@ -1,4 +1,4 @@
-"""The demo's run report (pipeline/report.py) from a hand-made run folder: every section, every plot and
+"""The demo's run report (jobs/demo/report.py) from a hand-made run folder: every section, every plot and
 image it links exists, the numbers it states are the stages' numbers, both plot back-ends draw."""
 import json
 import re
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pipeline.report as report
-from jobs.demo_stages import Stage, StageRunner
-from pipeline.demo_scenes import ALL_SCENES, render
+import jobs.demo.report as report
+from jobs.demo.scenes import ALL_SCENES, render
+from jobs.demo.stages import Stage, StageRunner
 
 NUM = 6
 VARIANTS = ("guided", "unguided", "unconditional")

@@ -1,7 +1,7 @@
-"""Sampling (issue 7): pipeline/generate.py and `python -m jobs.sample`.
+"""Sampling: jobs/sample/generate.py and `python -m jobs.sample`.
 
 Models are tests/factories.tiny_bundle (random weights moved off their init, debug presets, 64x64
-images from 16x16 latents), saved with pipeline.ldm_bundle.save_ldm where the job needs a source.
+images from 16x16 latents), saved with pipeline.models.bundle.save_ldm where the job needs a source.
 Samples are compared as latents (float, before decoding) where batching may change float rounding,
 and as PNGs (uint8) where the job is compared with itself.
 """
@@ -15,21 +15,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from factories import CONF, LAUNCHER_VARS, ROOT, perturb, tiny_bundle
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import jobs.config
-from factories import CONF, LAUNCHER_VARS, ROOT, perturb, tiny_bundle
 from jobs.distributed import free_port
-from jobs.sample import sample
-from jobs.sample_config import SampleConfig
-from ldm.conditioners import ConcatConditioner
+from jobs.sample.conditions import Conditions
+from jobs.sample.config import SampleConfig
+from jobs.sample.generate import (
+    SamplingConfig,
+    generate,
+    initial_noise,
+    sample_generators,
+)
+from jobs.sample.run import sample
+from ldm.diffusion.conditioners import ConcatConditioner
+from ldm.diffusion.samplers import sample_ddim
+from ldm.diffusion.unet import UNet, UNetConfig
 from ldm.presets import DEBUG_UNET, PRESETS, ConditionerConfig, LDMPreset
-from ldm.samplers import sample_ddim
-from ldm.unet import UNet, UNetConfig
-from pipeline.generate import SamplingConfig, generate, initial_noise, sample_generators
-from pipeline.generate_conditions import Conditions
-from pipeline.ldm_bundle import LDMBundle, save_ldm
+from pipeline.models.bundle import LDMBundle, save_ldm
 
 CPU = torch.device("cpu")
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
@@ -113,7 +118,7 @@ def test_cuda_samples_equal_cpu_samples_from_the_same_seeds():
 
 
 def _openclip(bundle):
-    from ldm.tokenizers import build_tokenizer
+    from ldm.diffusion.tokenizers import build_tokenizer
 
     spec = bundle.tokenizer
     return build_tokenizer(spec["kind"], spec["name_or_path"], spec["max_length"])

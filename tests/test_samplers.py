@@ -1,4 +1,4 @@
-"""Samplers (ldm/samplers.py) and classifier-free guidance (ldm/guidance.py).
+"""Samplers (ldm/diffusion/samplers.py) and classifier-free guidance (ldm/diffusion/guidance.py).
 
 Most checks use toy data whose exact eps(x_t, t) = E[eps | x_t] is known in closed form, so a
 sampler can be judged by the distribution it produces, independent of any training:
@@ -15,10 +15,16 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.diffusion import diffusion_loss, target
-from ldm.guidance import classifier_free_guidance
-from ldm.samplers import SAMPLERS, sample_ddim, sample_ddpm, sample_plms, timesteps
-from ldm.schedules import NoiseSchedule, ScheduleConfig
+from ldm.diffusion.guidance import classifier_free_guidance
+from ldm.diffusion.objectives import diffusion_loss, target
+from ldm.diffusion.samplers import (
+    SAMPLERS,
+    sample_ddim,
+    sample_ddpm,
+    sample_plms,
+    timesteps,
+)
+from ldm.diffusion.schedules import NoiseSchedule, ScheduleConfig
 
 SCHEDULE = NoiseSchedule.from_config(ScheduleConfig())  # LDM text-to-image: 0.00085 -> 0.012, T = 1000
 MU = torch.tensor([1.0, -0.5], dtype=torch.float64)
@@ -103,7 +109,7 @@ def test_samplers_reject_bad_arguments(sampler, kwargs, match):
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim"])
 def test_one_generator_per_sample_makes_a_sample_independent_of_its_batch(name):
-    """Sample i's noise at every stochastic step comes from generator i alone (pipeline/generate.py's
+    """Sample i's noise at every stochastic step comes from generator i alone (jobs/sample/generate.py's
     determinism by global index): sample 4 of a batch of 6 equals sample 4 run alone."""
     x_T = exact_x_T(gaussian_data(6, torch.Generator().manual_seed(0)), torch.Generator().manual_seed(1))
 

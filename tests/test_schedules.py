@@ -1,12 +1,18 @@
-"""Noise schedules (ldm/schedules.py) and objectives / loss (ldm/diffusion.py)."""
+"""Noise schedules (ldm/diffusion/schedules.py) and objectives / loss (ldm/diffusion/objectives.py)."""
 import math
 
 import pytest
 import torch
 
-from ldm.diffusion import (OBJECTIVES, diffusion_loss, min_snr_weight, predict_x0_eps, sample_noise,
-                           target)
-from ldm.schedules import NoiseSchedule, ScheduleConfig, gather
+from ldm.diffusion.objectives import (
+    OBJECTIVES,
+    diffusion_loss,
+    min_snr_weight,
+    predict_x0_eps,
+    sample_noise,
+    target,
+)
+from ldm.diffusion.schedules import NoiseSchedule, ScheduleConfig, gather
 
 # Golden values, computed once in float64 with plain Python `math` from the closed forms
 # beta_i = (sqrt(b0) + (sqrt(b1) - sqrt(b0)) i / (T-1))^2 and alpha_bar_t = prod_{i<=t} (1 - beta_i).

@@ -18,16 +18,22 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from factories import (
+    make_inception_weights,
+    overrides_for,
+    png_bytes,
+    scene,
+    write_latents,
+)
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from jobs.checkpointing import CheckpointManager
-from pipeline.demo_scenes import with_base_url, write_demo_dataset
-from pipeline.http_server import LoopbackServer
 # pytest (prepend import mode) puts tests/ on sys.path; `tests.slurm_cluster` can hit a site-packages `tests`.
 from slurm_cluster import skip_or_fail, slurm_cluster  # noqa: F401 (slurm_cluster: the session fixture)
 
-from factories import make_inception_weights, overrides_for, png_bytes, scene, write_latents
+from jobs.checkpointing import CheckpointManager
+from jobs.demo.http_server import LoopbackServer
+from jobs.demo.scenes import with_base_url, write_demo_dataset
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -307,9 +313,9 @@ def test_evaluate_template_runs_one_rank_per_task(slurm_cluster, tmp_path, monke
     unconnected processes would both print one). Inception: make_inception_weights' random network,
     its batch norm calibrated on 2 images (the forward passes at 299 x 299 are what costs here)."""
     from jobs.config import register_schemas, to_dataclass
-    from jobs.eval_config import FidStatsConfig
+    from jobs.evaluate.config import FidStatsConfig
+    from jobs.evaluate.inception import WEIGHTS_FILENAME
     from jobs.fid_stats import fid_stats
-    from pipeline.inception import WEIGHTS_FILENAME
 
     sets = {"real": [scene(i, 0, grain=0) for i in range(4)], "fake": [scene(i, 1, grain=25) for i in range(4)]}
     for name, images in sets.items():

@@ -1,4 +1,4 @@
-"""The LDM training job (issue 6): configs, loss going down, exact resume, NaN skipping, ZeRO 1/2/3 on 2 ranks.
+"""The LDM training job: configs, loss going down, exact resume, NaN skipping, ZeRO 1/2/3 on 2 ranks.
 
 Tiny latent shards in the formats.md layout come from tests/factories.py: 4 smooth 16x16x4 patterns, each
 with its own caption tokens, so that the debug text-to-image model has something learnable in seconds.
@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from factories import make_config, overrides_for, torchrun_train, write_latents
 from safetensors.torch import load_file
 
-from factories import make_config, overrides_for, torchrun_train, write_latents
 from jobs.checkpointing import TMP_PREFIX, CheckpointManager
 from jobs.distributed import free_port
-from jobs.train_loop import NonFiniteLossError, train
+from jobs.train.loop import NonFiniteLossError, train
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_trainer_groups_set_the_zero_stage(stage):
 def test_adamw_is_the_fused_kernel_unless_switched_off(fused):
     """One fused kernel per step: the unfused AdamW's ~10 passes over the flat ZeRO partition made
     the optimizer step about as costly as DeepSpeed's own step overhead (bench/train_step.py)."""
-    from jobs.train_setup import build_optimizer
+    from jobs.train.setup import build_optimizer
 
     cfg = make_config(["experiment=demo", "data.path=x", f"optim.fused={str(fused).lower()}"])
     optimizer, _ = build_optimizer(cfg, torch.nn.Linear(2, 2))
@@ -151,7 +151,7 @@ def test_cut_off_checkpoint_is_skipped_on_resume(tmp_path, latents, single_proce
 
 
 def test_nan_batch_is_skipped_and_counted_then_too_many_stop(tmp_path, latents, single_process_env, monkeypatch):
-    import jobs.train_loop as loop
+    import jobs.train.loop as loop
 
     real_next, calls = next, {"n": 0}
     poisoned = {3}  # the 3rd micro-batch carries a NaN
@@ -195,7 +195,7 @@ def test_frozen_text_encoder_in_bf16_stays_out_of_the_optimizer(tmp_path, latent
 
 
 def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path, latents, single_process_env, monkeypatch):
-    import jobs.train_loop as loop
+    import jobs.train.loop as loop
     from jobs.checkpointing import PREEMPTED_EXIT_CODE
 
     calls = {"n": 0}
@@ -260,8 +260,8 @@ def _loss_and_grads(models) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 def test_activation_checkpointing_recomputes_blocks_and_keeps_loss_and_gradients(one_thread):
     """trainer.activation_checkpointing wraps every UNet block from outside the model: backward runs
     each block's forward again (that is the memory saving), and the maths is unchanged."""
-    from jobs.train_setup import build_models
-    from ldm.unet import TimestepBlock
+    from jobs.train.setup import build_models
+    from ldm.diffusion.unet import TimestepBlock
 
     runs = {}
     for on in (False, True):
@@ -284,7 +284,7 @@ def test_activation_checkpointing_recomputes_blocks_and_keeps_loss_and_gradients
 
 
 def test_compile_is_applied_to_the_unet_from_outside():
-    from jobs.train_setup import build_models
+    from jobs.train.setup import build_models
 
     for on in (False, True):
         cfg = make_config(["experiment=demo", "data.path=x", f"trainer.compile={str(on).lower()}"])

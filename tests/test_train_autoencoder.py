@@ -16,16 +16,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import jobs.autoencoder_loop
 import jobs.config
-from jobs.autoencoder_config import TrainAutoencoderConfig
+import jobs.train_autoencoder.loop
 from jobs.config import to_dataclass
-from jobs.train_autoencoder import train_autoencoder
+from jobs.demo.scenes import write_demo_dataset
+from jobs.train_autoencoder.config import TrainAutoencoderConfig
+from jobs.train_autoencoder.run import train_autoencoder
+from ldm.autoencoder.lpips import LPIPS
 from ldm.image_metrics import psnr
-from ldm.lpips import LPIPS
-from pipeline.autoencoder_io import load_autoencoder
-from pipeline.demo_scenes import write_demo_dataset
 from pipeline.image_loader import iter_eval_batches, list_shards
+from pipeline.models.autoencoder import load_autoencoder
 from pipeline.shards import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,14 +177,14 @@ def test_vq_trains_and_reports_codebook_usage(data, tmp_path):
 
 def _interrupt_at(monkeypatch, step: int) -> None:
     """SIGUSR1 to this process right after optimizer step `step`, as SLURM would send it."""
-    original = jobs.autoencoder_loop.train_step
+    original = jobs.train_autoencoder.loop.train_step
 
     def step_then_signal(state, *args):
         out = original(state, *args)
         if state.step == step:
             os.kill(os.getpid(), signal.SIGUSR1)
         return out
-    monkeypatch.setattr(jobs.autoencoder_loop, "train_step", step_then_signal)
+    monkeypatch.setattr(jobs.train_autoencoder.loop, "train_step", step_then_signal)
 
 
 def _final_state(run_dir: Path) -> dict:
@@ -234,9 +234,9 @@ DDP_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     from omegaconf import OmegaConf
-    import jobs.autoencoder_loop as loop
-    from jobs.autoencoder_config import TrainAutoencoderConfig
-    from jobs.distributed import all_gather_object, barrier, cleanup, init_distributed
+    import jobs.train_autoencoder.loop as loop
+    from jobs.train_autoencoder.config import TrainAutoencoderConfig
+    from jobs.distributed import all_gather_object, cleanup, init_distributed
 
     torch.set_num_threads(1)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainAutoencoderConfig),
@@ -253,8 +253,7 @@ DDP_SCRIPT = textwrap.dedent("""
     if dist_info.is_main:
         print("IN SYNC", json.dumps(digests))
     run.metrics.close()
-    barrier()  # neither rank tears gloo down while the other still talks (seen once: rank 0 aborted)
-    cleanup()
+    cleanup()  # its barrier: neither rank tears gloo down while the other still talks
 """)
 
 

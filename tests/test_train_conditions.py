@@ -17,10 +17,10 @@ import jobs.config
 from jobs.checkpointing import CheckpointManager
 from jobs.config import to_dataclass
 from jobs.distributed import free_port
-from jobs.train_config import TrainConfig
-from jobs.train_loop import condition, train
-from jobs.train_setup import StoredContext
-from ldm.conditioners import ClassEmbedder
+from jobs.train.config import TrainConfig
+from jobs.train.loop import condition, train
+from jobs.train.setup import StoredContext
+from ldm.diffusion.conditioners import ClassEmbedder
 from ldm.presets import PRESETS
 from pipeline.shards import write_shard
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ldm.unet import UNet, UNetConfig, timestep_embedding
+from ldm.diffusion.unet import UNet, UNetConfig, timestep_embedding
 
 CROSS = UNetConfig(4, 4, 32, (1, 2, 2), 1, (2, 4), num_head_channels=16, context_dim=24, transformer_depth=2)
 SELF_FILM = UNetConfig(3, 3, 32, (1, 2), 1, (1, 2), num_heads=2, use_scale_shift_norm=True, resblock_updown=True)

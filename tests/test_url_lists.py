@@ -2,8 +2,14 @@
 import pandas as pd
 import pytest
 
-from pipeline.url_lists import (MetadataFilters, Threshold, apply_filters, dedup_urls, normalise_url,
-                                read_url_lists)
+from pipeline.ingest.url_lists import (
+    MetadataFilters,
+    Threshold,
+    apply_filters,
+    dedup_urls,
+    normalise_url,
+    read_url_lists,
+)
 
 
 def _frame(**columns):

@@ -1,0 +1,1 @@
+"""`python -m jobs.demo`: the pipeline end to end on synthetic scenes, and its report."""

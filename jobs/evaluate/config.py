@@ -1,0 +1,77 @@
+"""Structured-config schemas of `python -m jobs.fid_stats` and `python -m jobs.evaluate`.
+
+They live apart from the job modules because jobs/config.py imports every schema, and the job
+modules import jobs/config.py (a schema inside a job module would be a circular import).
+"""
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from jobs.evaluate.fid import MetricsConfig
+from jobs.evaluate.inception import InceptionConfig
+from jobs.metrics import LoggerConfig
+from jobs.sample.generate import SamplingConfig
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _check(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+@dataclass
+class FidStatsConfig:
+    """Reference statistics of an image set (conf/fid_stats.yaml)."""
+    reference: str = MISSING          # folder of image shards (*.tar) or of PNG/JPG files
+    out: str = MISSING                # the stats folder to write (stats.safetensors + protocol.json)
+    max_samples: int | None = None    # the first N images of the sorted set; None: all
+    resolution: int | None = None     # resize + centre-crop to this first (the evaluated images' size)
+    isc: bool = True                  # also store the logits (IS of the reference set)
+    overwrite: bool = False           # replace a cache made with another protocol
+    device: str = "auto"              # auto | cpu | cuda
+    inception: InceptionConfig = field(default_factory=InceptionConfig)
+
+    def __post_init__(self):
+        _check([(self.max_samples is None or self.max_samples >= 2,
+                 f"max_samples={self.max_samples}: at least 2 images, or null for all"),
+                (self.resolution is None or self.resolution > 0, f"resolution={self.resolution}: positive or null"),
+                (self.device in DEVICES, f"device={self.device!r}: one of {DEVICES}")])
+
+
+@dataclass
+class EvaluateConfig:
+    """FID / IS / KID / precision-recall of a model or of an image folder (conf/evaluate.yaml)."""
+    reference_stats: str = MISSING    # a jobs.fid_stats folder
+    out_dir: str | None = None        # metrics.json goes here; None: Hydra's run / sweep-point folder
+    source: str | None = None         # generate: a run_dir, checkpoint or export (pipeline.models.bundle.load_ldm)
+    images: str | None = None         # or evaluate this folder of PNG/JPG (or shards) instead of generating
+    weights: str = "ema"              # ema | raw (checkpoints only)
+    autoencoder: str | None = None    # override the first stage (pipeline.models.autoencoder spec)
+    prompt_file: str | None = None    # text models: one prompt per line; sample i gets line i % count
+    class_ids: list[int] | None = None  # class models: sample i gets class_ids[i % count]; None: every class
+    num_samples: int | None = None    # samples to generate; with images=: the first N (None: all)
+    seed: int = 0                     # sample i is drawn with seed + i (jobs.sample.generate.seeds_for)
+    save_images: bool = False         # also write out_dir/samples/NNNNNN.png
+    resolution: int | None = None     # resize + centre-crop before Inception; must equal the reference's
+    overwrite: bool = False           # replace an existing out_dir/metrics.json
+    device: str = "auto"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    inception: InceptionConfig = field(default_factory=InceptionConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logger: LoggerConfig = MISSING    # config group conf/logger/
+
+    def __post_init__(self):
+        _check([((self.source is None) != (self.images is None),
+                 "set exactly one of source=RUN_OR_EXPORT (generate samples) or images=FOLDER (evaluate a folder)"),
+                (self.images is not None or self.num_samples is not None,
+                 "set num_samples=N: how many samples to generate (e.g. 10000 or 50000 for a paper-style FID)"),
+                (self.num_samples is None or self.num_samples >= 2, f"num_samples={self.num_samples}: at least 2"),
+                (self.num_samples is None or not self.metrics.isc or self.num_samples >= self.metrics.isc_splits,
+                 f"num_samples={self.num_samples} < metrics.isc_splits={self.metrics.isc_splits}: IS needs a "
+                 "sample per split at least; lower metrics.isc_splits"),
+                (self.resolution is None or self.resolution > 0, f"resolution={self.resolution}: positive or null"),
+                (self.device in DEVICES, f"device={self.device!r}: one of {DEVICES}"),
+                (self.images is None or (self.prompt_file is None and self.class_ids is None),
+                 "images= evaluates a folder as it is: drop prompt_file / class_ids")])

@@ -1,0 +1,1 @@
+"""`python -m jobs.export`: a trained model in our, diffusers' and CompVis' layouts."""

@@ -1,0 +1,1 @@
+"""`python -m jobs.sample`: samples of a trained model, and the sampling every job shares."""

@@ -1,0 +1,56 @@
+"""Structured-config schema of `python -m jobs.sample` (conf/sample.yaml).
+
+What to sample from (`source`, `weights`, `autoencoder`), what to condition on (exactly one of
+`prompts`, `prompt_file`, `class_ids`, `images` [+ `masks`], or nothing for unconditional models with
+`num_samples`), how many (`num_per_prompt` per condition), which global indices (`indices`, default
+all), where (`out_dir`), and how (`sampling`, jobs.sample.generate.SamplingConfig). Checks that need no
+model run here and raise ValueError naming the key; the model-dependent ones run before any sampling.
+"""
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from jobs.sample.generate import SamplingConfig
+
+WEIGHTS = ("ema", "raw")
+
+
+@dataclass
+class SampleConfig:
+    source: str = MISSING                # an export folder, a training checkpoint folder or a training run_dir
+    out_dir: str = MISSING               # NNNNNN.png per global index, grid.png, samples.json
+    weights: str = "ema"                 # ema | raw (training checkpoints)
+    autoencoder: str | None = None       # override the first stage (pipeline.models.autoencoder spec)
+    prompts: list[str] | None = None     # text models
+    prompt_file: str | None = None       # text models: one prompt per line (blank lines skipped)
+    class_ids: list[int] | None = None   # class-conditional models
+    images: str | None = None            # SR: low-res inputs; inpainting: images to complete (a file or folder)
+    masks: str | None = None             # inpainting: masks (white = generate), same count and order as images
+    num_per_prompt: int = 4              # samples per prompt / class / image
+    num_samples: int | None = None       # unconditional models: how many samples
+    seed: int = 0                        # sample seed = seed + global index
+    indices: list[int] | None = None     # only these global indices (regenerate single samples); None: all
+    device: str = "auto"                 # auto | cpu | cuda
+    grid_max: int = 64                   # at most this many samples in grid.png (the lowest indices)
+    progress_bar: bool = True
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self):
+        given = [k for k in ("prompts", "prompt_file", "class_ids", "images") if getattr(self, k) is not None]
+        checks = [
+            (len(given) <= 1, f"set only one of prompts, prompt_file, class_ids, images (got {given})"),
+            (self.masks is None or self.images is not None, "masks=... needs images=... (the images to inpaint)"),
+            (self.weights in WEIGHTS, f"weights={self.weights!r}: use one of {WEIGHTS}"),
+            (self.num_per_prompt >= 1, f"num_per_prompt={self.num_per_prompt}: must be >= 1"),
+            (self.num_samples is None or self.num_samples >= 1, f"num_samples={self.num_samples}: must be >= 1"),
+            (self.num_samples is None or not given,
+             f"num_samples is for unconditional models; with {given[0] if given else ''} use num_per_prompt"),
+            (self.seed >= 0, f"seed={self.seed}: must be >= 0"),
+            (self.indices is None or (self.indices and min(self.indices) >= 0),
+             f"indices={self.indices}: non-negative global sample indices"),
+            (self.device in ("auto", "cpu", "cuda"), f"device={self.device!r}: auto, cpu or cuda"),
+            (self.grid_max >= 0, f"grid_max={self.grid_max}: must be >= 0 (0: no grid)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)

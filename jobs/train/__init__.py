@@ -1,0 +1,1 @@
+"""`python -m jobs.train`: the latent diffusion model under DeepSpeed ZeRO."""

@@ -1,0 +1,153 @@
+"""Structured-config schemas of `python -m jobs.train` (conf/train.yaml and its groups).
+
+One dataclass per config group (`model`, `trainer`, `optim`, `logger`, `data`); YAML files only set
+values. Cross-field checks live in `__post_init__` and raise ValueError naming the override to fix,
+so a wrong config fails before any process group, model or data is touched.
+"""
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from jobs.checkpointing import CheckpointConfig
+from jobs.metrics import LoggerConfig
+from ldm.diffusion.objectives import LOSS_TYPES, OBJECTIVES
+from ldm.presets import PRESETS
+from pipeline.latents.loader import LatentDataConfig
+
+PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def _check(checks: list[tuple[bool, str]]) -> None:
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "debug-t2i"          # a key of ldm.presets.PRESETS
+    train_text_encoder: bool = True    # True: tau_theta (text transformer or class embedding) trained jointly
+    #                                    (Eq. 3), in the same ZeRO optimizer; False: frozen
+    cond_dropout: float = 0.1          # classifier-free guidance: empty condition with this probability
+    objective: str | None = None       # None: the preset's (eps, Eq. 2); "v" for v-prediction
+    loss_type: str | None = None       # None: the preset's (l2 / l1)
+    min_snr_gamma: float | None = None
+    # The frozen text encoder whose stored context the UNet reads (data.use_context=true): filled from the
+    # latents' manifest at start-up (pipeline.models.text_encoder identity), so checkpoints name what a sampler
+    # must rebuild. Set by hand (+model.text_encoder.sha256=...), latents of another encoder are refused.
+    text_encoder: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check([(self.preset in PRESETS, f"model.preset={self.preset!r}: choose one of {sorted(PRESETS)}"),
+                (0.0 <= self.cond_dropout < 1.0, f"model.cond_dropout={self.cond_dropout}: set it in [0, 1)"),
+                (self.objective in (None, *OBJECTIVES), f"model.objective={self.objective!r}: one of {OBJECTIVES}"),
+                (self.loss_type in (None, *LOSS_TYPES), f"model.loss_type={self.loss_type!r}: one of {LOSS_TYPES}")])
+
+    @property
+    def conditioner_kind(self) -> str:
+        return PRESETS[self.preset].conditioner.kind
+
+
+@dataclass
+class TrainerConfig:
+    zero_stage: int = 2                # DeepSpeed ZeRO stage 0-3 (conf/trainer/zero1|zero2|zero3)
+    precision: str = "bf16"            # bf16: autocast around forward, fp32 weights and optimizer state
+    max_steps: int = MISSING           # optimizer steps
+    grad_accum_steps: int = 1
+    global_batch_size: int | None = None  # checked at start-up: data.batch_size x grad_accum_steps x ranks
+    grad_clip: float = 1.0             # max global grad norm; 0 disables clipping
+    ema_decay: float = 0.9999
+    max_consecutive_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    deterministic: bool = False        # torch.use_deterministic_algorithms (bitwise resume tests)
+    compile: bool = False              # torch.compile the UNet
+    activation_checkpointing: bool = False
+    device: str = "auto"               # auto | cpu | cuda
+    num_samples: int = 8               # images in the sample grid (every logger.image_every steps)
+    sample_steps: int = 25             # DDIM steps of the grid
+    guidance_scale: float = 3.0
+    sample_autoencoder: str | None = None  # decode grids with it (pipeline.models.autoencoder spec); None: show z
+    peak_tflops: float | None = None   # per device, for MFU; None: known GPUs, else MFU is not logged
+    stop_after_steps: int | None = None  # end this process early (tests: simulate a kill); None: max_steps
+
+    def __post_init__(self):
+        _check([(self.zero_stage in (0, 1, 2, 3), f"trainer.zero_stage={self.zero_stage}: use 0, 1, 2 or 3"),
+                (self.precision in PRECISIONS, f"trainer.precision={self.precision!r}: one of {PRECISIONS}"),
+                (self.max_steps > 0, f"trainer.max_steps={self.max_steps}: must be positive"),
+                (self.grad_accum_steps > 0, f"trainer.grad_accum_steps={self.grad_accum_steps}: must be >= 1"),
+                (self.grad_clip >= 0, f"trainer.grad_clip={self.grad_clip}: must be >= 0 (0 disables)"),
+                (0.0 <= self.ema_decay <= 1.0, f"trainer.ema_decay={self.ema_decay}: set it in [0, 1]"),
+                (self.max_consecutive_nonfinite > 0,
+                 f"trainer.max_consecutive_nonfinite={self.max_consecutive_nonfinite}: must be >= 1"),
+                (self.device in ("auto", "cpu", "cuda"), f"trainer.device={self.device!r}: auto, cpu or cuda"),
+                (self.num_samples > 0, f"trainer.num_samples={self.num_samples}: must be positive")])
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.0e-4                 # Tab. 15: 1e-4 for the text-to-image model
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1.0e-8
+    warmup_steps: int = 0              # linear warm-up from 0
+    schedule: str = "constant"         # after warm-up: constant | cosine | linear (to min_lr_ratio * lr)
+    min_lr_ratio: float = 0.0
+    fused: bool = True                 # torch's fused AdamW: one kernel per step instead of ~10 passes
+
+    def __post_init__(self):
+        _check([(self.lr > 0, f"optim.lr={self.lr}: must be positive"),
+                (self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps}: must be >= 0"),
+                (self.schedule in LR_SCHEDULES, f"optim.schedule={self.schedule!r}: one of {LR_SCHEDULES}"),
+                (0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={self.min_lr_ratio}: set it in [0, 1]"),
+                (all(0.0 <= b < 1.0 for b in self.betas), f"optim.betas={self.betas}: each in [0, 1)")])
+
+
+@dataclass
+class PlanOptions:
+    """Only read by `python -m jobs.plan`."""
+    num_gpus: int = 8
+    img_per_s_per_gpu: float | None = None  # measured throughput; None: GPU-hours not printed
+
+
+@dataclass
+class TrainConfig:
+    """The groups are MISSING here and filled by their YAML: a default-constructed group would run its
+    checks (e.g. data.path unset) before the YAML sets it."""
+    run_dir: str = "runs/train"
+    seed: int = 0
+    model: ModelConfig = MISSING  # config group conf/model/
+    trainer: TrainerConfig = MISSING  # config group conf/trainer/
+    optim: OptimConfig = MISSING  # config group conf/optim/
+    logger: LoggerConfig = MISSING  # config group conf/logger/
+    data: LatentDataConfig = MISSING  # config group conf/data/
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    plan: PlanOptions = field(default_factory=PlanOptions)
+
+    def __post_init__(self):
+        kind, data = self.model.conditioner_kind, self.data
+        preset = f"model.preset={self.model.preset!r}"
+        _check([(kind in ("text", "class", "none"),
+                 f"{preset} has a {kind!r} conditioner; jobs.train reads latents with tokens, a stored context or "
+                 f"class labels: choose a text-to-image, class-conditional or unconditional preset"),
+                (kind != "text" or data.use_tokens or data.use_context,
+                 "the preset's text transformer reads token ids: set data.use_tokens=true (latents precomputed "
+                 "with a tokenizer), or data.use_context=true model.train_text_encoder=false (latents precomputed "
+                 "with a frozen text encoder)"),
+                (not data.use_context or kind == "text",
+                 f"data.use_context=true feeds a text context to cross-attention; {preset} has a {kind!r} "
+                 f"conditioner: choose a text-to-image preset or set data.use_context=false"),
+                (not (data.use_context and self.model.train_text_encoder),
+                 "data.use_context=true: the stored context comes from a frozen text encoder, there is no text "
+                 "encoder to train; set model.train_text_encoder=false"),
+                (kind != "class" or data.use_labels,
+                 f"{preset} is class-conditional: set data.label_key=<the metadata key holding the class index> "
+                 f"or data.classes_file=<classes.txt, one class name per line, matched to captions>"),
+                (self.trainer.zero_stage == 0 or self.data.batch_size > 0, "data.batch_size must be positive")])
+
+    @property
+    def condition_key(self) -> str | None:
+        """The batch entry the model is conditioned on (its tau_theta input y), None if unconditional."""
+        kind = self.model.conditioner_kind
+        if kind == "text":
+            return "context" if self.data.use_context else "tokens"
+        return "label" if kind == "class" else None

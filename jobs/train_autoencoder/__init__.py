@@ -1,0 +1,1 @@
+"""`python -m jobs.train_autoencoder`: the first stage under torch DDP."""

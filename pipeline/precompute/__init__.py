@@ -1,0 +1,1 @@
+"""Precompute: image shards -> latent shards with a frozen autoencoder, on Ray."""
