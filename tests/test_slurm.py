@@ -147,14 +147,14 @@ echo "done ${SLURM_RESTART_COUNT:-0}" >> "$RUNS"
 
 
 def test_usr1_before_the_time_limit_requeues_the_job(slurm_cluster, tmp_path):
-    """`--signal=B:USR1@55` with a 1-minute limit: USR1 reaches the batch shell mid-run (slurmctld
+    """`--signal=B:USR1@100` with a 2-minute limit: USR1 reaches the batch shell mid-run (slurmctld
     checks time limits about every 30 s; `scancel --signal=USR1 --batch` is the same delivery at
     preemption); its trap requeues the job, which runs again under the same id and finishes."""
     script, runs, log = tmp_path / "job.sh", tmp_path / "runs.txt", tmp_path / "out"
     script.write_text(REQUEUE_JOB)
-    job_id = slurm_cluster.submit(["--time=1", "--signal=B:USR1@55", f"--output={log}", "--open-mode=append",
+    job_id = slurm_cluster.submit(["--time=2", "--signal=B:USR1@100", f"--output={log}", "--open-mode=append",
                                    f"--export=ALL,RUNS={runs}", str(script)], cwd=REPO)
-    _wait_for(lambda: runs.exists() and "done" in runs.read_text(), "the requeued job did not finish")
+    _wait_for(lambda: runs.exists() and "done" in runs.read_text(), "the requeued job did not finish", 300)
     assert slurm_cluster.wait_for_job(job_id, JOB_TIMEOUT_S) == 0, log.read_text()
     assert runs.read_text().splitlines() == ["start 0", "start 1", "done 1"], log.read_text()
     assert f"got USR1 in job {job_id} (run 0): requeueing" in log.read_text()
