@@ -48,6 +48,7 @@ LATEST_POINTER = "latest"
 TMP_PREFIX = ".tmp-"
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
 PREEMPTED_EXIT_CODE = 75  # sysexits EX_TEMPFAIL, "try again later": the sbatch template requeues
+PREEMPTED_DIR_ENV = "LDM_PREEMPTED_DIR"  # set by jobs.launch: where ranks report a preempted exit
 RESUME_MODES = ("auto", "never")
 
 
@@ -241,3 +242,11 @@ class PreemptionHandler:
     def should_stop(self, device: torch.device) -> bool:
         """True on every rank once any rank got a signal (a collective: call it on all ranks)."""
         return any_rank(self.received is not None, device)
+
+
+def report_preempted(rank: int) -> None:
+    """Leave word for jobs.launch that this rank checkpointed and exits PREEMPTED_EXIT_CODE: a
+    torchrun agent that got the signal itself stops its workers and loses their exit codes."""
+    folder = os.environ.get(PREEMPTED_DIR_ENV)
+    if folder:
+        (Path(folder) / f"rank_{rank:05d}").touch()

@@ -96,8 +96,8 @@ run_step() {
   wait "$LDM_STEP_PID"
 }
 
-# Ends the batch script: requeues when the step exited 75, or failed after a forwarded signal (torchrun
-# exits 1 whatever its workers' codes; a worker signalled before its handler was installed dies).
+# Ends the batch script: requeues when the step exited 75, or failed after a forwarded signal (a
+# worker signalled before its handler was installed dies; the rerun resumes from the checkpoint before).
 # A step that finished (0) is not requeued, even when the signal came during its last step.
 exit_or_requeue() {  # the step's exit code
   if (($1 == PREEMPTED_EXIT_CODE)) || [[ -n $LDM_FORWARDED && $1 != 0 ]]; then
@@ -125,7 +125,8 @@ torchrun_env() {
   fi
 }
 
-# One torchrun per node as one job step; its workers run `python -m MODULE ARGS...`. torchrun
+# One torchrun per node as one job step, run as jobs.launch (torchrun that exits 75 when its workers
+# checkpointed for preemption); its workers run `python -m MODULE ARGS...`. torchrun
 # forwards USR1 (as it does TERM) to its workers and gives them LDM_SHUTDOWN_TIMEOUT_S to exit.
 # `exec`: under run_step this runs in a background subshell, which becomes srun itself, so the
 # signal that _ldm_forward sends reaches srun (a subshell would die of it, leaving srun running).
@@ -133,7 +134,7 @@ torchrun_step() {  # module, its arguments...
   # shellcheck disable=SC2016  # single quotes: SLURM_NODEID & co. expand on each node, in the step
   exec srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
     --kill-on-bad-exit=1 \
-    bash -c 'exec python -m torch.distributed.run --nnodes="$SLURM_NNODES" --node-rank="$SLURM_NODEID" \
+    bash -c 'exec python -m jobs.launch --nnodes="$SLURM_NNODES" --node-rank="$SLURM_NODEID" \
       --nproc-per-node="$LDM_NPROC_PER_NODE" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" \
       --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
       --shutdown-timeout="${LDM_SHUTDOWN_TIMEOUT_S:-300}" -m "$@"' torchrun_step "$@"

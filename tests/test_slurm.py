@@ -180,7 +180,7 @@ STEP_FAILS = READY + "raise SystemExit(3)"
 
 @pytest.mark.parametrize("signal_sent, step, requeued, code, said", [
     (True, STEP_SAVES, True, 0, "exited with code 75 after USR1"),   # jobs.train's way
-    (True, STEP_DIES, True, 0, "exited with code 138 after USR1"),   # as torchrun's 1, or a worker without its handler
+    (True, STEP_DIES, True, 0, "exited with code 138 after USR1"),   # a worker without its handler
     (False, STEP_FAILS, False, 3, ""),                                 # no signal: a failure stays a failure
 ], ids=["saves", "dies", "fails"])
 def test_forwarded_signal_decides_the_requeue(tmp_path, signal_sent, step, requeued, code, said):
@@ -260,7 +260,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_weights(slurm_cluster
     log = (root / "preempted.out").read_text()
     assert code == 0, log[-4000:]
     assert f"got USR1 in job {job_id} (run 0): forwarding it to the training step" in log
-    assert f"requeueing job {job_id}" in log
+    assert f"the training step exited with code 75 after USR1: requeueing job {job_id}" in log  # jobs.launch
     shown = slurm_cluster.run(["scontrol", "show", "job", "--oneliner", job_id]).stdout
     assert "Restarts=1" in shown.split()
     resumed = [line for line in log.splitlines() if line.startswith("resumed from")]

@@ -20,6 +20,7 @@ from jobs.checkpointing import (
     PreemptionHandler,
     capture_rng_state,
     load_rank_state,
+    report_preempted,
     restore_rng_state,
     save_rank_state,
 )
@@ -311,6 +312,7 @@ def run(job: Job, preemption: PreemptionHandler) -> int:
             if state.step % cfg.checkpoint.every_steps:
                 save_checkpoint(job)
             print0(f"signal {preemption.received}: checkpointed step {state.step}, exiting for requeue")
+            report_preempted(job.dist.rank)
             return PREEMPTED_EXIT_CODE
     return 0
 
