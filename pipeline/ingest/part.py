@@ -72,12 +72,16 @@ def _keep_or_drop(sample: dict, filters: MetadataFilters, seen: set[str]) -> tup
 
 def finalize_shard(raw_dir: Path, raw_id: int, out_dir: Path, shard_id: int, filters: MetadataFilters,
                    claim: Callable[[list[str]], list[bool]] | None, extra: dict | None = None) -> dict:
-    """Filter and deduplicate raw shard `raw_id` into final shard `shard_id`; returns its stats.
+    """Filter and deduplicate raw shard `raw_id` into final shard `shard_id` (rows and samples in key
+    order); returns its stats.
 
     `claim(hashes)` answers, per hash, whether this shard owns it (first come across all shards
     and earlier runs); None disables content deduplication across shards.
     """
-    raw = pd.read_parquet(raw_dir / f"{raw_id:05d}.parquet")
+    # img2dataset writes samples as its download threads finish them: in another order every run.
+    # Key order is input order, so that the same URL list gives byte-identical shards (and a
+    # training run the same data order) every time.
+    raw = pd.read_parquet(raw_dir / f"{raw_id:05d}.parquet").sort_values("key", ignore_index=True)
     errors: dict[str, int] = {}
     samples = {s["__key__"]: s for s in iter_samples(raw_dir / f"{raw_id:05d}.tar", errors)}
     hashes = [json.loads(s["json"]).get("sha256") for s in samples.values()]
