@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from factories import assert_float32_close
 
 from ldm.autoencoder.config import AUTOENCODER_PRESETS, AutoencoderConfig
 from ldm.autoencoder.model import AutoencoderKL, build_autoencoder
@@ -44,8 +45,6 @@ from ldm.presets import PRESETS, build_conditioner
 diffusers = pytest.importorskip("diffusers")
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
 
-UNET_ATOL = VAE_ATOL = 1e-5  # max abs, fp32
-DDIM_ATOL = 1e-4
 
 CROSS = UNetConfig(4, 4, 32, (1, 2, 2), 1, (2, 4), num_head_channels=16, context_dim=24, transformer_depth=2)
 SELF_FILM = UNetConfig(3, 3, 32, (1, 2), 1, (1, 2), num_heads=2, use_scale_shift_norm=True, resblock_updown=True)
@@ -117,7 +116,7 @@ def test_unet_matches_diffusers_and_round_trips(name):
     with torch.no_grad():
         expected, actual = ours(x, t, c), peer(x, t, encoder_hidden_states=c).sample
     assert expected.abs().max() > 0.1  # perturbed weights: a real signal, not zeros
-    assert (actual - expected).abs().max() <= UNET_ATOL
+    assert_float32_close(actual, expected)
     _assert_same_state(unet_from_diffusers(peer.state_dict(), cfg), ours.state_dict())
 
 
@@ -166,8 +165,8 @@ def test_autoencoder_matches_diffusers_and_round_trips(name):
     with torch.no_grad():
         moments, peer_moments = ours.encode_moments(x), peer.encode(x).latent_dist.parameters
         x_rec, peer_x_rec = ours.decode(z), peer.decode(z).sample
-    assert (peer_moments - moments).abs().max() <= VAE_ATOL
-    assert (peer_x_rec - x_rec).abs().max() <= VAE_ATOL
+    assert_float32_close(peer_moments, moments)
+    assert_float32_close(peer_x_rec, x_rec)
     _assert_same_state(autoencoder_from_diffusers(peer.state_dict(), cfg), ours.state_dict())
 
 
@@ -222,7 +221,7 @@ def test_ddim_matches_diffusers_scheduler_driving_the_converted_unet():
         for t in scheduler.timesteps:
             eps = peer(x, t, encoder_hidden_states=context).sample
             x = scheduler.step(eps, t, x, eta=0.0).prev_sample
-    assert (x - latents).abs().max() <= DDIM_ATOL
+    assert_float32_close(x, latents)
     assert not torch.allclose(latents, x_T, atol=0.1)  # the sampler moved the latents
 
 
@@ -312,8 +311,8 @@ def test_diffusers_folder_export_loads_back_with_from_pretrained(tmp_path):
         unet_out = [m.eval()(x, t, encoder_hidden_states=c).sample for m in (loaded["unet"], exported["unet"])]
         vae_out = [m.eval().decode(x).sample for m in (loaded["vae"], exported["vae"])]
         assert torch.equal(*unet_out) and torch.equal(*vae_out)
-        assert (unet_out[0] - unet(x, t, c)).abs().max() <= UNET_ATOL
-        assert (vae_out[0] - ae.decode(x)).abs().max() <= VAE_ATOL
+        assert_float32_close(unet_out[0], unet(x, t, c))
+        assert_float32_close(vae_out[0], ae.decode(x))
 
 
 def test_export_refuses_vq_first_stages():
@@ -378,7 +377,7 @@ def test_released_text_encoder_weights_load_into_our_text_transformer_with_parit
     load_into(ours, text_transformer_from_xtransformers(theirs, SMALL_BERT), "text transformer")
     tokens = torch.randint(0, SMALL_BERT.vocab_size, (3, 10))
     with torch.no_grad():
-        assert (ours(tokens) - _xtransformers_forward(theirs, tokens, SMALL_BERT)).abs().max() <= UNET_ATOL
+        assert_float32_close(ours(tokens), _xtransformers_forward(theirs, tokens, SMALL_BERT))
     back = text_transformer_to_xtransformers(ours.state_dict(), SMALL_BERT)
     _assert_same_state(back, {k: v for k, v in theirs.items() if not k.startswith("to_logits.")})
 

@@ -105,7 +105,10 @@ if mode == "ok":
     if info.rank == 0:  # the barrier held rank 0 until rank 1 had arrived
         (out / "rank0_saw").write_text(str((out / "rank1_arrived").exists()))
 else:  # rank 1 fails without reaching cleanup; rank 0's cleanup after its own error must not wait for it
-    if info.rank == 1:
+    if info.rank == 1:  # it stays until rank 0 is done (else torchrun may stop rank 0 first), then dies
+        deadline = time.monotonic() + 60
+        while not (out / "rank0_saw").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         os._exit(3)
     try:
         raise RuntimeError("rank 0 failed too")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import CONF, ROOT, tiny_bundle, tiny_training_run
+from factories import CONF, ROOT, assert_float32_close, tiny_bundle, tiny_training_run
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
@@ -24,7 +24,6 @@ from pipeline.models.bundle import load_ldm, save_ldm
 
 diffusers = pytest.importorskip("diffusers")
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
-ATOL = 1e-5  # max abs, fp32
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,9 +93,9 @@ def test_diffusers_folder_loads_with_from_pretrained_and_gives_the_same_outputs(
     with torch.no_grad():
         context = conditioner(tokens)
         ours, theirs = bundle.unet(z, t, context), unet(z, t, encoder_hidden_states=context).sample
-        assert (ours - theirs).abs().max() <= ATOL
+        assert_float32_close(theirs, ours)
         image_ours, image_theirs = bundle.autoencoder.decode(z), vae.decode(z).sample
-        assert (image_ours - image_theirs).abs().max() <= ATOL
+        assert_float32_close(image_theirs, image_ours)
     # Our autoencoder loader reads the diffusers vae/ back to the same weights.
     _, _, identity = load_autoencoder(folder, subfolder="vae")
     assert identity["sha256"] == state_dict_sha256(bundle.autoencoder.state_dict())

@@ -31,7 +31,7 @@ def server(tmp_path_factory):
     www = tmp_path_factory.mktemp("www")
     write_demo_dataset(www, NUM_GOOD, seed=3)
     good = (www / "images" / "000001.jpg").read_bytes()
-    routes = {"/e500": Route(500), "/slow": Route(200, good, delay_s=4.0),
+    routes = {"/e500": Route(500), "/slow": Route(200, good, delay_s=12.0),
               "/text": Route(200, b"<html>not an image</html>", content_type="text/html"),
               "/trunc": Route(200, good[: len(good) // 2]), "/tiny": Route(200, _jpeg(8)),
               "/same-picture": Route(200, good), "/flaky": Route(200, _jpeg(40), fail_times=1)}
@@ -57,7 +57,7 @@ def _config(inputs, out, **overrides):
     filters = MetadataFilters(min_width=16, min_height=16, max_caption_chars=200,
                               thresholds={"punsafe": Threshold(max=0.5)})
     return IngestConfig(inputs=[str(inputs)], output_dir=str(out), url_col="URL", caption_col="TEXT",
-                        image_size=32, part_size=10, thread_count=8, timeout_s=1.5, filters=filters, **overrides)
+                        image_size=32, part_size=10, thread_count=8, timeout_s=5, filters=filters, **overrides)
 
 
 @pytest.fixture(scope="module")
