@@ -90,6 +90,8 @@ def test_the_job_summary_is_its_last_json_line(tmp_path):
 def test_settings_errors_name_the_option():
     with pytest.raises(ValueError, match="--num-samples"):
         demo.parse_args(["--num-samples", "500"])
+    with pytest.raises(ValueError, match="raise --ae-max-steps"):
+        demo.parse_args(["--ae-steps", "2000"])
     settings, reuse = demo.parse_args(["--guidance-t-max", "none", "--train-steps", "7", "--fresh"])
     assert settings.guidance_t_max is None and settings.train_steps == 7 and reuse is False
 
@@ -104,8 +106,8 @@ STAGES = ("generate", "ingest", "autoencoder", "latents", "ldm", "sample", "fid"
 @pytest.mark.slow
 def test_demo_runs_every_stage_end_to_end_and_a_rerun_reuses_them(tmp_path, capsys):
     args = ["--out", str(tmp_path / "demo"), "--num-images", "144", "--num-held-out", "24", "--num-shards", "2",
-            "--ae-steps", "20", "--train-steps", "20", "--num-samples", "24", "--sample-steps", "4",
-            "--num-calibration", "8"]
+            "--ae-steps", "20", "--ae-max-steps", "30", "--train-steps", "20", "--num-samples", "24",
+            "--sample-steps", "4", "--num-calibration", "8"]
     demo.main(args)
     lines = capsys.readouterr().out.strip().splitlines()
     headline = json.loads(lines[-1])  # the last line is the JSON of headline figures
@@ -115,6 +117,12 @@ def test_demo_runs_every_stage_end_to_end_and_a_rerun_reuses_them(tmp_path, caps
     for key in ("caption_adherence_guided", "caption_adherence_unguided", "caption_adherence_unconditional"):
         assert 0.0 <= headline[key] <= 1.0
     assert headline["fid"] > 0 and headline["fid_comparable_to_published"] is False  # no Inception weights here
+    # 20 steps cannot keep the captions in reconstructions: the stage trained on, resuming, to --ae-max-steps
+    stage = json.loads((tmp_path / "demo" / "stages" / "autoencoder.done.json").read_text())["summary"]
+    assert [check["step"] for check in stage["reconstruction_checks"]] == [20, 30]
+    assert headline["autoencoder_steps"] == 30
+    assert stage["reconstruction_checks"][0]["all"] < demo.commands.RECONSTRUCTION_ADHERENCE_MIN
+    assert "resumed from" in (tmp_path / "demo" / "logs" / "autoencoder.log").read_text()
     text = (tmp_path / "demo" / "report.md").read_text()
     assert re.findall(r"^## (.+)$", text, flags=re.M) == list(SECTIONS)
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):

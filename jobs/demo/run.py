@@ -42,6 +42,7 @@ class DemoSettings:
     num_held_out: int = 144       # FID reference images (never trained on)
     num_shards: int = 4           # image shards (the autoencoder holds the last one out for evaluation)
     ae_steps: int | None = None   # None: conf/experiment/ae_demo.yaml's trainer.max_steps (it sets the rest)
+    ae_max_steps: int = 1800      # ... trained on up to this while its reconstructions lose captions (commands.py)
     train_steps: int | None = None  # None: conf/experiment/demo.yaml's trainer.max_steps (it sets the rest)
     num_samples: int = 144        # per variant: one per caption
     sample_steps: int = 25        # DDIM
@@ -55,6 +56,8 @@ class DemoSettings:
         self.out = Path(self.out).resolve()
         if self.num_samples > self.num_held_out or self.num_samples < 2:
             raise ValueError(f"--num-samples {self.num_samples}: between 2 and --num-held-out ({self.num_held_out})")
+        if self.ae_steps is not None and self.ae_steps > self.ae_max_steps:
+            raise ValueError(f"--ae-steps {self.ae_steps} > --ae-max-steps {self.ae_max_steps}: raise --ae-max-steps")
         if self.num_images < 2 * self.num_shards:
             raise ValueError(f"--num-images {self.num_images}: at least 2 per shard (--num-shards {self.num_shards})")
 
@@ -80,10 +83,11 @@ def build_stages(s: DemoSettings, prompts_file: Path) -> list[Stage]:
         Stage("ingest", _settings(s, "num_shards"), lambda log: commands.ingest(s, log),
               lambda r: f"img2dataset on Ray: {r['downloaded']} images in {r['shards']} shards "
                         f"({r['images_per_s']:.0f} img/s) -> {out / 'shards'}", [out / "shards"]),
-        Stage("autoencoder", {**_settings(s, "ae_steps"), "experiment": experiments["ae_demo"]},
+        Stage("autoencoder", {**_settings(s, "ae_steps", "ae_max_steps"), "experiment": experiments["ae_demo"]},
               lambda log: commands.train_autoencoder(s, log),
               lambda r: f"debug-kl {r['step']} steps, held-out PSNR {r['eval']['psnr']:.1f} dB, "
-                        f"scale factor {r['eval']['scale_factor']:.3f} -> {r['export_dir']}", [out / "autoencoder"]),
+                        f"scale factor {r['eval']['scale_factor']:.3f}, reconstructions keep the caption in "
+                        f"{r['reconstruction_adherence']['all']:.3f} -> {r['export_dir']}", [out / "autoencoder"]),
         Stage("latents", {}, lambda log: commands.precompute(s, log),
               lambda r: f"Ray: {r['num_samples_total']} latents + tokens ({r['samples_per_s']:.0f} img/s) "
                         f"-> {out / 'latents'}", [out / "latents"]),
@@ -119,6 +123,8 @@ def headline(s: DemoSettings, results: dict, runner: StageRunner, report: Path) 
         "caption_adherence_unguided": adherence["unguided"]["all"],
         "caption_adherence_unconditional": adherence["unconditional"]["all"],
         "caption_adherence_chance": adherence["chance"]["all"],
+        "autoencoder_reconstruction_adherence": results["autoencoder"]["reconstruction_adherence"]["all"],
+        "autoencoder_steps": results["autoencoder"]["step"],
         "fid": fid["guided"]["fid"], "kid": fid["guided"]["kid"],
         "fid_unguided": fid["unguided"]["fid"], "kid_unguided": fid["unguided"]["kid"],
         "fid_feature_extractor": fid["extractor"], "fid_comparable_to_published": fid["comparable"],

@@ -365,7 +365,12 @@ def setup_run(cfg: TrainAutoencoderConfig, dist_info: DistInfo) -> Run:
 
 def run_training(cfg: TrainAutoencoderConfig, dist_info: DistInfo) -> dict:
     """Train, evaluate and export; returns a summary (export_dir on rank 0 only)."""
-    run = setup_run(cfg, dist_info)
+    deterministic_before = torch.are_deterministic_algorithms_enabled()  # a process-wide flag: put back
+    try:
+        run = setup_run(cfg, dist_info)
+    except BaseException:
+        torch.use_deterministic_algorithms(deterministic_before)
+        raise
     try:
         with PreemptionHandler() as preemption:
             preempted = train_loop(run, preemption)
@@ -381,3 +386,4 @@ def run_training(cfg: TrainAutoencoderConfig, dist_info: DistInfo) -> dict:
         return summary
     finally:
         run.metrics.close()
+        torch.use_deterministic_algorithms(deterministic_before)
