@@ -20,9 +20,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed_and_no_process_group_left():
+    """Every test starts seeded, and no job function or test may leave a process group behind: the
+    next in-process job would join a stale one (issue 19's order dependence)."""
     torch.manual_seed(0)
     yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from jobs.distributed import cleanup
+
+        cleanup(failed=True)  # so that the tests after this one are not affected too
+        pytest.fail("this test left a torch.distributed process group behind: end it with jobs.distributed.cleanup()")
 
 
 @pytest.fixture(scope="module")
