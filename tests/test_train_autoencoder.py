@@ -76,6 +76,12 @@ def data(tmp_path_factory):
     return {"shards": shards, "vgg": vgg, "heads": heads}
 
 
+# How far above the mean-colour baseline a trained autoencoder must reconstruct: well clear of it (a
+# model that learned no spatial detail sits at the baseline), and about 1 dB below what these runs
+# measured, because hundreds of steps through the GAN / the codebook end elsewhere on another CPU.
+PSNR_MARGIN_DB = 1.0
+
+
 def make_cfg(data: dict, run_dir: Path, overrides: list[str]) -> TrainAutoencoderConfig:
     base = ["experiment=ae_demo", f"run_dir={run_dir}", f"data.path={data['shards']}",
             f"loss.lpips_vgg_path={data['vgg']}", f"loss.lpips_heads_path={data['heads']}",
@@ -138,13 +144,14 @@ def _check_export(export_dir: Path, eval_shards: list[str], kind: str, evaluated
 @pytest.mark.slow
 def test_kl_trains_with_lpips_and_gan_and_exports(data, tmp_path):
     """Paper objective (L1 + LPIPS + KL, GAN from step 200): PSNR clears the no-spatial-
-    information baseline (mean colour, ~16 dB here) by 1.5 dB; measured 18.4 dB at 300 steps."""
+    information baseline (mean colour, 16.05 dB here) by PSNR_MARGIN_DB; measured 18.4 dB at 300
+    steps (2.35 dB above)."""
     cfg = make_cfg(data, tmp_path / "run", ["trainer.max_steps=300", "loss.disc_start=200", "logger.log_every=50",
                                             "eval.every_steps=100", "checkpoint.every_steps=100"])
     summary = train_autoencoder(cfg)
     eval_shards = list_shards(str(data["shards"]))[-1:]
     baseline = mean_colour_psnr(eval_shards, 16)
-    assert summary["eval"]["psnr"] >= baseline + 1.5, (summary["eval"], baseline)
+    assert summary["eval"]["psnr"] >= baseline + PSNR_MARGIN_DB, (summary["eval"], baseline)
     assert summary["eval"]["num_images"] == IMAGES_PER_SHARD and 0 < summary["eval"]["lpips"]
     train = read_metrics(tmp_path / "run", "train/")
     assert train[200]["train/disc_factor"] == 0 and "train/disc_loss" not in train[200]
@@ -158,7 +165,7 @@ def test_kl_trains_with_lpips_and_gan_and_exports(data, tmp_path):
 @pytest.mark.slow
 def test_vq_trains_and_reports_codebook_usage(data, tmp_path):
     """L1 + codebook/commitment loss (no LPIPS, no GAN); same threshold as the KL model's,
-    measured 18.1 dB at 500 steps (VQ learns more slowly: codes are discrete)."""
+    measured 18.1 dB at 500 steps, 2.05 dB above (VQ learns more slowly: codes are discrete)."""
     cfg = make_cfg(data, tmp_path / "run", ["model.preset=debug-vq", "trainer.max_steps=500",
                                             "loss.perceptual_weight=0", "eval.lpips=false", "loss.disc_start=100000",
                                             "logger.log_every=100", "eval.every_steps=1000",
@@ -166,7 +173,7 @@ def test_vq_trains_and_reports_codebook_usage(data, tmp_path):
                                             f"eval.inception_weights_path={tmp_path / 'missing.pth'}"])
     summary = train_autoencoder(cfg)
     eval_shards = list_shards(str(data["shards"]))[-1:]
-    assert summary["eval"]["psnr"] >= mean_colour_psnr(eval_shards, 16) + 1.5, summary["eval"]
+    assert summary["eval"]["psnr"] >= mean_colour_psnr(eval_shards, 16) + PSNR_MARGIN_DB, summary["eval"]
     assert 4 < summary["eval"]["codebook_perplexity"] <= 64 and 0 < summary["eval"]["codebook_fraction_used"] <= 1
     train = read_metrics(tmp_path / "run", "train/")
     assert all(1 <= train[s]["train/codebook_perplexity"] <= 64 for s in (100, 500))
