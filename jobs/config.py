@@ -1,5 +1,6 @@
 """Hydra glue shared by every job: schemas into the ConfigStore, config -> validated dataclass,
 and `hydra_main`, the `main()` of every `python -m jobs.<name>` module."""
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -10,25 +11,29 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from jobs.evaluate.config import EvaluateConfig, FidStatsConfig
-from jobs.export.formats import ExportConfig
-from jobs.sample.config import SampleConfig
-from jobs.train.config import TrainConfig
-from jobs.train_autoencoder.config import TrainAutoencoderConfig
-from pipeline.ingest.stage import IngestConfig
-from pipeline.precompute.stage import PrecomputeConfig
-
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-SCHEMAS = {"ingest_schema": IngestConfig, "precompute_schema": PrecomputeConfig,
-           "train_autoencoder_schema": TrainAutoencoderConfig, "train_schema": TrainConfig,
-           "sample_schema": SampleConfig, "fid_stats_schema": FidStatsConfig, "evaluate_schema": EvaluateConfig,
-           "export_schema": ExportConfig}
+# "<config name>_schema" -> the dataclass its yaml's defaults list names, as "module:class". Imported
+# only when registered: a job registers its own schema alone, since importing every job's config
+# would import every job's dependencies (torch-fidelity and torchvision, pandas: about 3 s of each
+# process start, times every rank, sbatch task and demo stage).
+SCHEMAS = {"ingest_schema": "pipeline.ingest.stage:IngestConfig",
+           "precompute_schema": "pipeline.precompute.stage:PrecomputeConfig",
+           "train_autoencoder_schema": "jobs.train_autoencoder.config:TrainAutoencoderConfig",
+           "train_schema": "jobs.train.config:TrainConfig", "sample_schema": "jobs.sample.config:SampleConfig",
+           "fid_stats_schema": "jobs.evaluate.config:FidStatsConfig",
+           "evaluate_schema": "jobs.evaluate.config:EvaluateConfig", "export_schema": "jobs.export.formats:ExportConfig"}
 
 
-def register_schemas() -> None:
-    store = ConfigStore.instance()
-    for name, schema in SCHEMAS.items():
-        store.store(name=name, node=schema)
+def schema_class(name: str) -> type:
+    """The dataclass of SCHEMAS[name], imported now."""
+    module, cls = SCHEMAS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def register_schemas(*names: str) -> None:
+    """Put the named schemas (default: all of SCHEMAS) into Hydra's ConfigStore."""
+    for name in names or SCHEMAS:
+        ConfigStore.instance().store(name=name, node=schema_class(name))
 
 
 def to_dataclass(cfg: DictConfig, schema: type):
@@ -55,7 +60,7 @@ def hydra_main(config_name: str, schema: type, job: Callable[[Any], Any], *, nam
     A dict result is printed as one JSON line (the job's summary); an int result is the exit code.
     `name` (default: config_name) is Hydra's job name: its log file is `<name>.log`.
     """
-    register_schemas()
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)  # conf/<config_name>.yaml's
 
     def main(cfg: DictConfig) -> None:
         if prepare is not None:
