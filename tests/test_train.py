@@ -4,6 +4,7 @@ Tiny latent shards in the formats.md layout come from tests/factories.py: 4 smoo
 with its own caption tokens, so that the debug text-to-image model has something learnable in seconds.
 """
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -219,15 +220,16 @@ def test_sigusr1_checkpoints_and_exits_for_requeue(tmp_path, latents, single_pro
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_ranks_train_under_zero_stage(tmp_path, latents, stage):
     """torchrun, 2 CPU ranks (gloo), the text transformer trained jointly in the ZeRO optimizer.
-    6 steps straight vs 4 steps, a stop, and a resume from the checkpoint at 3: identical per-step
-    losses and EMA (gathered whole under ZeRO-3), data position of both ranks restored."""
+    6 steps straight, then a resume from its checkpoint at 3 in a copy of the run left as a stop
+    after step 4 would leave it (the stop itself is tested on one rank and in test_launch): identical
+    per-step losses and EMA (gathered whole under ZeRO-3), data position of both ranks restored."""
     def overrides(run_dir: Path) -> list[str]:
         return overrides_for(latents, run_dir, 6, **{"trainer": f"zero{stage}", "checkpoint.every_steps": 3,
                                                      "data.batch_size": 4, "logger.image_every": 6,
                                                      "trainer.num_samples": 2, "trainer.sample_steps": 2})
     straight, run_dir = tmp_path / "straight", tmp_path / "resumed"
     torchrun_train(overrides(straight), tmp_path / "hydra")
-    torchrun_train(overrides(run_dir) + ["trainer.stop_after_steps=4"], tmp_path / "hydra")
+    _cut_back_to(straight, run_dir, checkpoint_step=3, last_logged_step=4)
     assert "resumed from" in torchrun_train(overrides(run_dir), tmp_path / "hydra").stdout
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
@@ -242,6 +244,21 @@ def test_two_ranks_train_under_zero_stage(tmp_path, latents, stage):
     assert ema["conditioner.token_embedding.weight"].shape == (49408, 64)  # whole, also under ZeRO-3
     assert all(torch.equal(ema[k], ema_straight[k]) for k in ema)
     assert (run_dir / "images" / "samples_00000006.png").is_file()
+
+
+def _cut_back_to(run_dir: Path, copy: Path, checkpoint_step: int, last_logged_step: int) -> None:
+    """A copy of a finished run as one stopped after `last_logged_step` leaves it: the checkpoints up
+    to `checkpoint_step` only, metrics.jsonl up to the stop, no images after it."""
+    shutil.copytree(run_dir, copy)
+    for folder in CheckpointManager(copy / "checkpoints").complete_dirs():
+        if int(folder.name.removeprefix("step_")) > checkpoint_step:
+            shutil.rmtree(folder)
+    lines = (copy / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (copy / "metrics.jsonl").write_text("".join(x for x in lines if json.loads(x)["step"] <= last_logged_step))
+    for image in (copy / "images").glob("*_*.png"):  # samples_00000006.png
+        if int(image.stem.rsplit("_", 1)[1]) > last_logged_step:
+            image.unlink()
+    assert CheckpointManager(copy / "checkpoints").latest().name == f"step_{checkpoint_step:08d}"
 
 
 # ---------------------------------------------------------------------------------------------- memory / speed options
