@@ -1,0 +1,44 @@
+"""Spatial conditions made from a latent sample's stored files as the loader reads it (Sec. 4.4-4.5).
+
+A condition is made per (run seed, epoch, sample): the same in every rank, worker and resumed run,
+different from epoch to epoch as the paper's data pipelines redraw them. Each kind names the files
+it reads and returns float32 [C, h, w] in [-1, 1], concatenated with z_t in the UNet (`concat`).
+
+  sr-bicubic   KEY.image.png (the HR crop) -> its anti-aliased bicubic x4 downsampling (Tab. 5)
+  sr-bsr       KEY.image.png -> the light BSR degradation x4 (LDM-BSR, App. D.6.1)
+"""
+import io
+
+import numpy as np
+from PIL import Image
+
+from pipeline.conditions.degradations import SCALE, degrade
+
+CONDITIONS = ("sr-bicubic", "sr-bsr")
+CONDITION_FILES = {"sr-bicubic": ("image.png",), "sr-bsr": ("image.png",)}
+_STREAM = 0x5E_ED  # keeps the condition's random stream apart from the loader's other draws
+
+
+def condition_rng(seed: int, epoch: int, sample_id: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, sample_id, _STREAM]))
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """uint8 [H, W, 3] of a stored KEY.image.png."""
+    try:
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{where}: KEY.image.png does not decode ({err}); rerun jobs.precompute") from err
+
+
+def make_condition(kind: str, files: dict[str, bytes], rng: np.random.Generator, where: str) -> np.ndarray:
+    """The concat condition [C, h, w] float32 in [-1, 1] of one sample."""
+    if kind in ("sr-bicubic", "sr-bsr"):
+        low_res = degrade(decode_image(files["image.png"], where), kind.removeprefix("sr-"), rng)
+        return low_res.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+    raise ValueError(f"data.condition={kind!r}: use one of {CONDITIONS}")
+
+
+def condition_size(kind: str, resolution: int) -> int:
+    """The side of the condition of an image of side `resolution`."""
+    return resolution // SCALE
