@@ -371,6 +371,39 @@ def test_prepare_image_is_the_square_crop_resized_with_pil(demo):
     assert prepare_image(b"not a picture", ImagePolicy(RES), "s/k")[1] == "corrupt_image"
 
 
+def test_crop_fractions_and_the_area_filter_make_the_sr_sets_hr_crops(demo):
+    """Side = shorter side x U(min, max) per key (the same on a retry), resized by area averaging."""
+    buffer = io.BytesIO()  # a PNG: JPEG draft decoding at 1/2 scale would change the pixels compared
+    Image.open(io.BytesIO(demo[-1][0])).save(buffer, "PNG")
+    wide = buffer.getvalue()  # 64 x 48
+    policy = ImagePolicy(16, "random", 0, 0.5, 1.0, "area")
+    boxes = [prepare_image(wide, ImagePolicy(16, "random", seed, 0.5, 1.0), "s/k")[2] for seed in range(30)]
+    assert all(24 <= side <= 48 and left + side <= 64 and top + side <= 48 for left, top, side in boxes)
+    assert len({side for _, _, side in boxes}) > 5
+    image, _, (left, top, side) = prepare_image(wide, policy, "s/k")
+    plain = Image.open(io.BytesIO(wide)).convert("RGB").crop((left, top, left + side, top + side))
+    np.testing.assert_array_equal(image, np.asarray(plain.resize((16, 16), Image.BOX)).transpose(2, 0, 1))
+    assert prepare_image(wide, policy, "s/k")[2] == [left, top, side]
+    with pytest.raises(ValueError, match="min_crop_fraction"):
+        ImagePolicy(16, min_crop_fraction=0.8, max_crop_fraction=0.5)
+    with pytest.raises(ValueError, match="resize_filter"):
+        ImagePolicy(16, resize_filter="lanczos")
+
+
+def test_keep_images_stores_exactly_the_pixels_the_encoder_saw(image_shards, autoencoders, tmp_path):
+    model, _, _ = load_autoencoder(autoencoders["kl"])
+    seen = []
+
+    def encode(chunks):
+        for chunk in local_encoder(model)(iter(seen.append(c) or c for c in chunks)):
+            yield chunk
+    process_shard(image_shards / "00002.tar", tmp_path, ImagePolicy(RES, keep_image=True), 4, encode)
+    stored = [np.asarray(Image.open(io.BytesIO(s["image.png"]))) for s in iter_samples(tmp_path / "00002.tar")]
+    np.testing.assert_array_equal(np.stack(stored), np.concatenate(seen).transpose(0, 2, 3, 1))
+    process_shard(image_shards / "00002.tar", tmp_path / "plain", ImagePolicy(RES), 4, local_encoder(model))
+    assert not any("image.png" in s for s in iter_samples(tmp_path / "plain" / "00002.tar"))
+
+
 def test_process_shard_without_ray(image_shards, autoencoders, tmp_path):
     """The pure core: counts, the finished marker, and an all-skipped shard that leaves no tar."""
     model, _, _ = load_autoencoder(autoencoders["kl"])

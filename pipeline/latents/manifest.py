@@ -27,11 +27,12 @@ STORAGE_KINDS = ("moments", "latents")  # KL: [mean, logvar] of q(z|x); VQ: pre-
 
 def build_manifest(*, encoder: dict, resolution: int, crop: str, dtype: str, latent_shape: list[int],
                    scale_factor: float, scale_factor_source: str, shards: list[dict],
-                   tokenizer: dict | None, text_encoder: dict | None = None) -> dict:
+                   tokenizer: dict | None, text_encoder: dict | None = None, images: dict | None = None) -> dict:
     """The manifest of formats.md from the per-shard stats (`name, count, sha256, source, skipped`).
 
     `text_encoder`: None, or the frozen text encoder of KEY.context.npy (pipeline.models.text_encoder
-    identity plus "max_length" L and "null_context", the file of the empty caption's context)."""
+    identity plus "max_length" L and "null_context", the file of the empty caption's context).
+    `images`: how the crops were cut and whether KEY.image.png holds them (precompute's image_settings)."""
     storage = "moments" if encoder["kind"] == "kl" else "latents"
     skipped = {reason: sum(s["skipped"].get(reason, 0) for s in shards) for reason in SKIP_REASONS}
     kept = [{k: s[k] for k in ("name", "count", "sha256", "source")} for s in shards if s["count"] > 0]
@@ -41,7 +42,7 @@ def build_manifest(*, encoder: dict, resolution: int, crop: str, dtype: str, lat
             "latent_shape": list(latent_shape), "scale_factor": scale_factor,
             "scale_factor_source": scale_factor_source, "num_samples": sum(s["count"] for s in kept),
             "shards": sorted(kept, key=lambda s: s["name"]), "skipped": skipped, "tokenizer": tokenizer,
-            "text_encoder": text_encoder}
+            "text_encoder": text_encoder, "images": images}
 
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> Path:

@@ -30,22 +30,37 @@ from pipeline.latents.manifest import SKIP_REASONS
 from pipeline.shards import atomic_write_json, iter_samples, write_shard
 
 CROPS = ("center", "random")
+RESIZE_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "area": Image.Resampling.BOX}  # BOX: area averaging
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 EncodeChunks = Callable[[Iterator[np.ndarray]], Iterator[np.ndarray]]
 
 
 @dataclass(frozen=True)
 class ImagePolicy:
-    """How a picture becomes the encoder's input: the largest square crop, resized to `resolution`."""
+    """How a picture becomes the encoder's input: a square crop, resized to `resolution`.
+
+    The square's side is the shorter side times a fraction in [min_crop_fraction, max_crop_fraction]
+    (1, 1: the largest square; the super-resolution sets crop 0.5-1, App. E.3.4), drawn per key.
+    `keep_image`: the sample also keeps its crop as KEY.image.png (the HR image of super-resolution,
+    the image an inpainting mask is cut from), exactly the pixels the encoder saw."""
     resolution: int
     crop: str = "center"  # "random": the square's offset is drawn from (seed, source shard, key)
     seed: int = 0
+    min_crop_fraction: float = 1.0
+    max_crop_fraction: float = 1.0
+    resize_filter: str = "bicubic"
+    keep_image: bool = False
 
     def __post_init__(self):
         if self.crop not in CROPS:
             raise ValueError(f"crop={self.crop!r}: use one of {CROPS}")
         if self.resolution <= 0:
             raise ValueError(f"resolution={self.resolution}: must be a positive number of pixels")
+        if not 0 < self.min_crop_fraction <= self.max_crop_fraction <= 1:
+            raise ValueError(f"min_crop_fraction={self.min_crop_fraction}, max_crop_fraction="
+                             f"{self.max_crop_fraction}: need 0 < min <= max <= 1")
+        if self.resize_filter not in RESIZE_FILTERS:
+            raise ValueError(f"resize_filter={self.resize_filter!r}: use one of {tuple(RESIZE_FILTERS)}")
 
 
 @dataclass
@@ -54,6 +69,7 @@ class Decoded:
     key: str
     caption: str
     meta: dict
+    image_png: bytes | None = None  # ImagePolicy.keep_image
 
 
 def shard_paths(out_dir: str | Path, name: str) -> dict[str, Path]:
@@ -69,11 +85,14 @@ def read_finished(out_dir: str | Path, name: str) -> dict | None:
 
 def crop_box(width: int, height: int, policy: ImagePolicy, sample_id: str) -> tuple[int, int, int]:
     """(left, top, side) of the square crop in the picture's pixels."""
-    side = min(width, height)
-    if policy.crop == "center":
-        return (width - side) // 2, (height - side) // 2, side
     seed = int.from_bytes(hashlib.sha256(f"{policy.seed}/{sample_id}".encode()).digest()[:8], "little")
     rng = np.random.default_rng(seed)
+    side = min(width, height)
+    if policy.min_crop_fraction < 1:
+        fraction = rng.uniform(policy.min_crop_fraction, policy.max_crop_fraction)
+        side = max(1, int(side * fraction))
+    if policy.crop == "center":
+        return (width - side) // 2, (height - side) // 2, side
     return int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1)), side
 
 
@@ -90,7 +109,7 @@ def prepare_image(data: bytes, policy: ImagePolicy, sample_id: str) -> tuple[np.
         image.draft("RGB", (-(-size * width // side), -(-size * height // side)))
         scale = image.size[0] / width
         box = tuple(round(v * scale) for v in (left, top, left + side, top + side))
-        image = image.convert("RGB").crop(box).resize((size, size), Image.Resampling.BICUBIC)
+        image = image.convert("RGB").crop(box).resize((size, size), RESIZE_FILTERS[policy.resize_filter])
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None, "corrupt_image", []
     return np.asarray(image).transpose(2, 0, 1).copy(), None, [left, top, side]
@@ -122,7 +141,13 @@ def decode_sample(sample: dict, policy: ImagePolicy, source: str) -> tuple[Decod
     if reason:
         return reason
     meta |= {"source_shard": source, "source_key": sample["__key__"], "crop_box": box}
-    return Decoded(sample["__key__"], caption, meta), image
+    return Decoded(sample["__key__"], caption, meta, png_bytes(image) if policy.keep_image else None), image
+
+
+def png_bytes(image_3HW: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image_3HW.transpose(1, 2, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def tar_is_complete(path: Path) -> bool:
@@ -229,7 +254,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 def latent_samples(kept: list[Decoded], latents: list[np.ndarray], tokens: np.ndarray | None,
                    contexts: list[np.ndarray] | None = None) -> Iterator[dict]:
     """The output shard's samples (formats.md): KEY.latent.npy, KEY.txt, KEY.json [, KEY.tokens.npy]
-    [, KEY.context.npy]."""
+    [, KEY.context.npy] [, KEY.image.png]."""
     for i, (decoded, latent) in enumerate(zip(kept, latents, strict=True)):
         sample = {"__key__": decoded.key, "latent.npy": _npy_bytes(latent), "txt": decoded.caption.encode("utf-8"),
                   "json": json.dumps(decoded.meta, sort_keys=True).encode("utf-8")}
@@ -237,6 +262,8 @@ def latent_samples(kept: list[Decoded], latents: list[np.ndarray], tokens: np.nd
             sample["tokens.npy"] = _npy_bytes(tokens[i].astype(np.int32))
         if contexts is not None:
             sample["context.npy"] = _npy_bytes(contexts[i])
+        if decoded.image_png is not None:
+            sample["image.png"] = decoded.image_png
         yield sample
 
 

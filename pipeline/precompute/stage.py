@@ -81,6 +81,10 @@ class PrecomputeConfig:
     autoencoder_subfolder: str | None = None  # diffusers only, e.g. "vae" of a pipeline on the hub
     resolution: int = 256
     crop: str = "center"              # center | random (offset drawn from seed, shard and key)
+    min_crop_fraction: float = 1.0    # the square's side: shorter side x U(min, max) per key (SR: 0.5, 1.0)
+    max_crop_fraction: float = 1.0
+    resize_filter: str = "bicubic"    # bicubic | area (box averaging, the SR sets' HR images)
+    keep_images: bool = False         # KEY.image.png: the crop the encoder saw (SR's HR image, inpainting's)
     seed: int = 0
     batch_size: int = 32              # images per encoder call
     encode_dtype: str = "auto"        # autocast dtype; auto: bfloat16 on GPU, float32 on CPU
@@ -116,6 +120,7 @@ class PrecomputeConfig:
             if not ok:
                 raise ValueError(message)
         self._check_tokenizer_matches_text_encoder()
+        image_policy(self)  # checks the crop fractions and the resize filter
 
     def _check_tokenizer_matches_text_encoder(self) -> None:
         tok = self.tokenizer
@@ -206,12 +211,23 @@ def _dies_once(encode_chunks, marker: str):
     return encode
 
 
+def image_policy(cfg: PrecomputeConfig) -> ImagePolicy:
+    return ImagePolicy(cfg.resolution, cfg.crop, cfg.seed, cfg.min_crop_fraction, cfg.max_crop_fraction,
+                       cfg.resize_filter, cfg.keep_images)
+
+
+def image_settings(cfg: PrecomputeConfig) -> dict:
+    """How the images were cut, for settings.json and the manifest."""
+    return {"min_crop_fraction": cfg.min_crop_fraction, "max_crop_fraction": cfg.max_crop_fraction,
+            "resize_filter": cfg.resize_filter, "keep_images": cfg.keep_images}
+
+
 def _shard_task(source: str, cfg: PrecomputeConfig, encoders: list, first: int) -> dict:
     import ray
 
     tok = cfg.resolved_tokenizer()
     tokenize = build_tokenizer(tok["kind"], tok["name_or_path"], tok["max_length"]) if tok else None
-    policy = ImagePolicy(cfg.resolution, cfg.crop, cfg.seed)
+    policy = image_policy(cfg)
     encode_chunks = actor_encoder(ray, encoders, first, cfg.max_inflight_batches)
     if cfg.fail_once_marker:
         encode_chunks = _dies_once(encode_chunks, cfg.fail_once_marker)
@@ -267,7 +283,7 @@ def check_settings(cfg: PrecomputeConfig, identity: dict, text_identity: dict | 
     settings = {"input_dir": str(Path(cfg.input_dir).resolve()), "encoder_sha256": identity["sha256"],
                 "resolution": cfg.resolution, "crop": cfg.crop, "seed": cfg.seed, "dtype": cfg.dtype,
                 "tokenizer": cfg.resolved_tokenizer() or dataclasses.asdict(cfg.tokenizer),
-                "text_encoder": text_identity}
+                "text_encoder": text_identity, "images": image_settings(cfg)}
     path = Path(cfg.output_dir) / "_work" / "settings.json"
     if path.is_file() and any(path.parent.glob("[0-9]*.json")):
         before = json.loads(path.read_text())
@@ -336,6 +352,6 @@ def precompute(cfg: PrecomputeConfig) -> dict:
     scale_factor, scale_source = resolve_scale_factor(cfg, identity, stats)
     manifest = build_manifest(encoder=identity, resolution=cfg.resolution, crop=cfg.crop, dtype=cfg.dtype,
                               latent_shape=list(shape), scale_factor=scale_factor, scale_factor_source=scale_source,
-                              shards=stats, tokenizer=tok, text_encoder=text_encoder)
+                              shards=stats, tokenizer=tok, text_encoder=text_encoder, images=image_settings(cfg))
     write_manifest(cfg.output_dir, manifest)
     return summarize(new, manifest, len(inputs), time.perf_counter() - start)
