@@ -135,7 +135,7 @@ def test_class_and_context_groups_compose():
     (["model=debug-cin", "data=labels", "data.label_key=null"], r"class-conditional: set data.label_key="),
     (["data=context"], r"set model.train_text_encoder=false"),
     (["model=debug-cin", "data=context", "model.train_text_encoder=false"], r"data.use_context=true .*'class'"),
-    (["model.preset=debug-sr"], r"'concat' conditioner"),
+    (["model.preset=debug-sr"], r"concatenates a condition to z_t: set data.condition"),
     (["data.use_tokens=false"], r"data.use_tokens=true .* or data.use_context=true model.train_text_encoder=false"),
 ])
 def test_config_errors_name_what_to_set(overrides, message):

@@ -12,6 +12,7 @@ from jobs.checkpointing import CheckpointConfig
 from jobs.metrics import LoggerConfig
 from ldm.diffusion.objectives import LOSS_TYPES, OBJECTIVES
 from ldm.presets import PRESETS
+from pipeline.conditions import CONDITIONS
 from pipeline.latents.loader import LatentDataConfig
 
 PRECISIONS = ("fp32", "bf16")
@@ -126,9 +127,15 @@ class TrainConfig:
     def __post_init__(self):
         kind, data = self.model.conditioner_kind, self.data
         preset = f"model.preset={self.model.preset!r}"
-        _check([(kind in ("text", "class", "none"),
-                 f"{preset} has a {kind!r} conditioner; jobs.train reads latents with tokens, a stored context or "
-                 f"class labels: choose a text-to-image, class-conditional or unconditional preset"),
+        _check([(kind in ("text", "class", "none", "concat"),
+                 f"{preset} has a {kind!r} conditioner; jobs.train reads latents with tokens, a stored context, "
+                 f"class labels or a low-res image: choose a text-to-image, class-conditional, unconditional or "
+                 f"super-resolution preset"),
+                (kind != "concat" or data.condition is not None,
+                 f"{preset} concatenates a condition to z_t: set data.condition (one of {CONDITIONS})"),
+                (data.condition is None or kind == "concat",
+                 f"data.condition={data.condition!r} is concatenated to z_t, {preset} has a {kind!r} conditioner: "
+                 f"choose a concat preset (ldm-vq4-sr, debug-sr) or set data.condition=null"),
                 (kind != "text" or data.use_tokens or data.use_context,
                  "the preset's text transformer reads token ids: set data.use_tokens=true (latents precomputed "
                  "with a tokenizer), or data.use_context=true model.train_text_encoder=false (latents precomputed "
@@ -150,4 +157,4 @@ class TrainConfig:
         kind = self.model.conditioner_kind
         if kind == "text":
             return "context" if self.data.use_context else "tokens"
-        return "label" if kind == "class" else None
+        return {"class": "label", "concat": "concat"}.get(kind)

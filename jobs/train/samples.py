@@ -3,7 +3,8 @@
 The EMA is gathered (a collective under ZeRO-3, so every rank calls `sample_grid`) into a plain
 copy of the model that only rank 0 builds and runs; the training engine is left untouched.
 Latents are decoded with `trainer.sample_autoencoder` when given, else shown directly (first three
-channels, per image rescaled to [-1, 1]), which is enough to see training move.
+channels, per image rescaled to [-1, 1]), which is enough to see training move. A model conditioned
+on an image (super-resolution) shows each condition left of its sample.
 """
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from torch import Tensor
 from jobs.train.config import TrainConfig
 from jobs.train.ema import TrainEMA
 from jobs.train.setup import Models, TrainModule, autocast
+from ldm.diffusion.conditioners import CONCAT_CONDITIONERS
 from ldm.diffusion.guidance import classifier_free_guidance
 from ldm.diffusion.samplers import sample_ddim
 from ldm.diffusion.unet import UNet
@@ -60,7 +62,11 @@ def sample_grid(cfg: TrainConfig, models: Models, ema: TrainEMA, sampler: Sample
     with autocast(cfg.trainer.precision, device):
         z_0 = sample_ddim(model, x_T, models.schedule, num_steps=cfg.trainer.sample_steps,
                           objective=cfg.model.objective or preset.objective)
-    return _to_images(sampler, z_0.float())
+    images = _to_images(sampler, z_0.float())
+    if cfg.condition_key == "concat":  # condition | sample, pair by pair
+        shown = F.interpolate(tokens_BL[:num, :3].to(images), size=images.shape[-2:], mode="nearest")
+        images = torch.stack([shown, images], dim=1).flatten(0, 1)
+    return images
 
 
 def _guided_model(cfg: TrainConfig, models: Models, sampler: Sampler, tokens_BL: Tensor | None, num: int):
@@ -69,8 +75,15 @@ def _guided_model(cfg: TrainConfig, models: Models, sampler: Sampler, tokens_BL:
         return lambda x_t, t_B: unet(x_t, t_B)
     tokens_BL = tokens_BL[:num].to(next(sampler.module.parameters()).device)
     encoder = models.frozen_conditioner or sampler.module.conditioner
-    cond, uncond = encoder(tokens_BL), encoder(encoder.null_condition(num))
-    return classifier_free_guidance(lambda x_t, t_B, c: unet(x_t, t_B, c), cond, uncond, cfg.trainer.guidance_scale)
+    if isinstance(encoder, CONCAT_CONDITIONERS):
+        model_c = lambda x_t, t_B, c: unet(torch.cat([x_t, c.to(x_t.dtype)], dim=1), t_B)  # noqa: E731
+        cond, uncond = encoder(tokens_BL), encoder(encoder.null_like(tokens_BL))
+    else:
+        model_c = lambda x_t, t_B, c: unet(x_t, t_B, c)  # noqa: E731
+        cond, uncond = encoder(tokens_BL), encoder(encoder.null_condition(num))
+    if cfg.trainer.guidance_scale == 1.0:  # the conditional model alone
+        return lambda x_t, t_B: model_c(x_t, t_B, cond)
+    return classifier_free_guidance(model_c, cond, uncond, cfg.trainer.guidance_scale)
 
 
 def _to_images(sampler: Sampler, z_BCHW: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from jobs.train.config import OptimConfig, TrainConfig
+from ldm.diffusion.conditioners import CONCAT_CONDITIONERS
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.diffusion.unet import TimestepBlock, UNet
 from ldm.presets import PRESETS, LDMPreset, build_conditioner
@@ -29,7 +30,9 @@ class TrainModule(nn.Module):
 
     forward(z_t, t, cond): cond is token ids [B, L] when tau_theta is inside (its parameters then
     sit in the same ZeRO-partitioned optimizer as the UNet's), else a context [B, L, D] computed
-    by a frozen encoder outside, or None for unconditional models.
+    by a frozen encoder outside, or None for unconditional models; for a concat conditioner it is
+    the spatial condition [B, C, h, w] (the low-res image), whose tau_theta output joins z_t's
+    channels (Sec. 4.4).
     """
 
     def __init__(self, unet: UNet, conditioner: nn.Module | None):
@@ -38,6 +41,8 @@ class TrainModule(nn.Module):
         self.conditioner = conditioner
 
     def forward(self, z_t_BCHW: torch.Tensor, t_B: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(self.conditioner, CONCAT_CONDITIONERS):
+            return self.unet(torch.cat([z_t_BCHW, self.conditioner(cond).to(z_t_BCHW.dtype)], dim=1), t_B)
         context = self.conditioner(cond) if self.conditioner is not None else cond
         return self.unet(z_t_BCHW, t_B, context)
 

@@ -215,6 +215,9 @@ class SpatialRescaler(nn.Module):
         return torch.zeros_like(c_BCHW)
 
 
+CONCAT_CONDITIONERS = (ConcatConditioner, SpatialRescaler)  # their output joins z_t's channels
+
+
 # --------------------------------------------------------------------------------------------
 # Frozen pretrained text encoders (the SD-style alternative to the jointly trained transformer)
 

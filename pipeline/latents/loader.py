@@ -16,7 +16,9 @@ every worker right after the last consumed batch. Batches prefetched but not con
 
 What a batch holds besides z follows the model's condition y (Sec. 3.3): token ids for a text
 transformer trained jointly, a frozen text encoder's stored context, or a class label, read from
-each sample's metadata (`label_key`) or looked up from its caption in a classes.txt (`classes_file`).
+each sample's metadata (`label_key`) or looked up from its caption in a classes.txt (`classes_file`);
+a spatial condition concatenated with z_t (`condition`: the low-res image of super-resolution, made
+from the stored HR crop per seed, epoch and sample: pipeline.conditions).
 """
 import json
 import math
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.conditions import CONDITION_FILES, CONDITIONS, condition_rng, make_condition
 from pipeline.latents.manifest import check_compatible, missing_context_message
 from pipeline.latents.reader import (
     EpochOrder,
@@ -58,6 +61,7 @@ class LatentDataConfig:
     use_context: bool = False          # batch["context"] from KEY.context.npy (frozen text encoder)
     label_key: str | None = None       # batch["label"] from this key of KEY.json (class-conditional models)
     classes_file: str | None = None    # or batch["label"] = line of the caption in this classes.txt
+    condition: str | None = None       # batch["concat"]: sr-bicubic | sr-bsr (pipeline.conditions)
     scale_factor: float | None = None  # None: the manifest's (App. G)
     prefetch_factor: int = 2           # batches each worker keeps ready
     pin_memory: bool = False
@@ -73,7 +77,9 @@ class LatentDataConfig:
                   (self.prefetch_factor > 0, f"data.prefetch_factor must be positive, got {self.prefetch_factor}"),
                   (not (self.label_key and self.classes_file),
                    f"data.label_key={self.label_key!r} and data.classes_file={self.classes_file!r} are both set: set "
-                   "one to null (label_key reads labels from the metadata, classes_file from the captions)")]
+                   "one to null (label_key reads labels from the metadata, classes_file from the captions)"),
+                  (self.condition in (None, *CONDITIONS),
+                   f"data.condition={self.condition!r}: use null or one of {CONDITIONS}")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -137,6 +143,7 @@ class LatentBatches(IterableDataset):
         self.class_index = None if classes is None else {name: i for i, name in enumerate(classes)}
         self.exts = ("latent.npy", "txt") + ("tokens.npy",) * cfg.use_tokens + ("context.npy",) * cfg.use_context
         self.exts += ("json",) * bool(cfg.label_key)
+        self.exts += CONDITION_FILES[cfg.condition] if cfg.condition else ()
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -159,10 +166,10 @@ class LatentBatches(IterableDataset):
         order = orders[epoch]
         sample_ids = order.ids(self.plan.positions(batch_in_epoch))
         shards, offsets = order.locate(sample_ids)
-        samples = [self.sample(reader, int(s), int(o)) for s, o in zip(shards, offsets)]
+        samples = [self.sample(reader, int(s), int(o), epoch, int(i)) for s, o, i in zip(shards, offsets, sample_ids)]
         return self.collate(samples, sample_ids, epoch)
 
-    def sample(self, reader: ShardReader, shard: int, offset: int) -> dict:
+    def sample(self, reader: ShardReader, shard: int, offset: int, epoch: int, sample_id: int) -> dict:
         key, files = reader.read(shard, offset)
         out = {"stored": load_npy(files["latent.npy"]), "caption": files["txt"].decode("utf-8"), "key": key}
         self.check_shape(out["stored"], key, shard)
@@ -172,6 +179,9 @@ class LatentBatches(IterableDataset):
             out["context"] = load_npy(files["context.npy"])
         if self.cfg.use_labels:
             out["label"] = self.label(files, out["caption"], f"{reader.names[shard]}: sample {key!r}")
+        if self.cfg.condition:
+            out["concat"] = make_condition(self.cfg.condition, files, condition_rng(self.cfg.seed, epoch, sample_id),
+                                           f"{reader.names[shard]}: sample {key!r}")
         return out
 
     def label(self, files: dict[str, bytes], caption: str, where: str) -> int:
@@ -199,7 +209,7 @@ class LatentBatches(IterableDataset):
 
     def collate(self, samples: list[dict], sample_ids: np.ndarray, epoch: int) -> dict:
         """z `[B, C, h, w]` float32, caption and key lists, sample_id `[B]`; tokens `[B, L]` int64,
-        context `[B, L, D]` float32 and label `[B]` int64 when configured."""
+        context `[B, L, D]` float32, label `[B]` int64 and concat `[B, C, h, w]` float32 when configured."""
         stored = torch.from_numpy(np.stack([s["stored"] for s in samples]))
         eps = None
         if self.manifest["storage"] == "moments":
@@ -207,7 +217,7 @@ class LatentBatches(IterableDataset):
         batch = {"z": sample_z(stored, self.manifest["storage"], eps, self.scale_factor),
                  "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples],
                  "sample_id": torch.from_numpy(sample_ids.copy())}
-        for name, dtype in (("tokens", torch.int64), ("context", torch.float32)):
+        for name, dtype in (("tokens", torch.int64), ("context", torch.float32), ("concat", torch.float32)):
             if name in samples[0]:
                 shapes = {s[name].shape for s in samples}
                 if len(shapes) > 1:
@@ -335,3 +345,7 @@ class LatentLoader:
                              f"set data.use_tokens=false or rerun jobs.precompute with a tokenizer")
         if self.cfg.use_context and self.manifest.get("text_encoder") is None:
             raise ValueError("data.use_context=true but " + missing_context_message(self.cfg.path))
+        if self.cfg.condition and not (self.manifest.get("images") or {}).get("keep_images"):
+            raise ValueError(f"data.condition={self.cfg.condition!r} is made from each sample's image, but "
+                             f"{self.cfg.path} was precomputed without them: rerun jobs.precompute with "
+                             f"keep_images=true")
