@@ -150,8 +150,10 @@ def test_super_resolution_concatenates_the_low_res_image_on_the_latent_grid():
     cfg = dataclasses.replace(FAST, guidance_scale=1.0)
     out = latents(sr, Conditions(images=lowres), [0, 0], cfg)
     assert out.shape == (2, 4, 16, 16) and not torch.allclose(out[0], out[1], atol=1e-3)
-    bigger = generate(sr, Conditions(images=lowres[:1]), [0], dataclasses.replace(cfg, height=96, width=96), CPU)
-    assert bigger.shape == (1, 96, 96, 3)  # the low-res image resized onto a 24x24 latent
+    bigger = generate(sr, Conditions(images=torch.zeros(1, 3, 24, 24)), [0], cfg, CPU)
+    assert bigger.shape == (1, 96, 96, 3)  # convolutional sampling: a 24x24 input, a 24x24 latent (Sec. 4.3.2)
+    with pytest.raises(ValueError, match=r"low-res images are 16x16, which x f=4 gives 64x64: .* of 24x24"):
+        generate(sr, Conditions(images=lowres[:1]), [0], dataclasses.replace(cfg, height=96, width=96), CPU)
 
 
 def inpainting_bundle() -> LDMBundle:

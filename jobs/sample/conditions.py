@@ -147,9 +147,8 @@ def _concat_pair(bundle, conditions: Conditions, latent_hw: tuple[int, int], dev
     images = conditions.images.to(device, torch.float32)
     if conditions.masks is not None:
         c = _inpainting_concat(bundle, images, conditions.masks.to(device), latent_hw)
-    elif images.shape[-2:] != latent_hw:  # Sec. 4.4: the low-res image lives on the latent grid
-        c = F.interpolate(images, size=latent_hw, mode="bicubic", antialias=True).clamp(-1, 1)
-    else:
+    else:  # Sec. 4.4: the low-res image is on the latent grid (generate.image_size checked it)
+        assert tuple(images.shape[-2:]) == tuple(latent_hw), (images.shape, latent_hw)
         c = images
     c = bundle.conditioner(c)
     return {"concat": c}, {"concat": bundle.conditioner.null_like(c)}

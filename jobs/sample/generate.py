@@ -97,8 +97,14 @@ def image_size(bundle, cfg: SamplingConfig, conditions: Conditions) -> tuple[int
         if (cfg.height or natural[0], cfg.width or natural[1]) != natural:
             raise ValueError(f"sampling.height/width={cfg.height}x{cfg.width} differ from {what} "
                              f"({natural[0]}x{natural[1]}): leave them null when inpainting")
-    elif conditions.images is not None:
+    elif conditions.images is not None:  # super-resolution: the low-res image lives on the latent grid
         natural, what = tuple(s * f for s in conditions.images.shape[-2:]), "the low-res image x f"
+        if (cfg.height or natural[0], cfg.width or natural[1]) != natural:
+            low = conditions.images.shape[-2:]
+            raise ValueError(f"sampling.height/width={cfg.height}x{cfg.width}, but the low-res images are "
+                             f"{low[0]}x{low[1]}, which x f={f} gives {natural[0]}x{natural[1]}: leave them null, "
+                             f"or give low-res images of {(cfg.height or natural[0]) // f}x"
+                             f"{(cfg.width or natural[1]) // f} (a larger input samples a larger image, Sec. 4.3.2)")
     else:
         natural, what = tuple(s * f for s in bundle.latent_shape[1:]), "the training size"
     size = (cfg.height or natural[0], cfg.width or natural[1])
