@@ -11,6 +11,7 @@ from jobs.evaluate.fid import MetricsConfig
 from jobs.evaluate.inception import InceptionConfig
 from jobs.metrics import LoggerConfig
 from jobs.sample.generate import SamplingConfig
+from pipeline.conditions.degradations import DEGRADATIONS
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -51,6 +52,9 @@ class EvaluateConfig:
     autoencoder: str | None = None    # override the first stage (pipeline.models.autoencoder spec)
     prompt_file: str | None = None    # text models: one prompt per line; sample i gets line i % count
     class_ids: list[int] | None = None  # class models: sample i gets class_ids[i % count]; None: every class
+    hr_images: str | None = None      # super-resolution models: HR images (folder or shards) to degrade,
+    #                                   upsample and score (PSNR / SSIM, Tab. 5); jobs/evaluate/sr.py
+    degradation: str = "bicubic"      # with hr_images: bicubic | bsr (pipeline.conditions.degradations)
     num_samples: int | None = None    # samples to generate; with images=: the first N (None: all)
     seed: int = 0                     # sample i is drawn with seed + i (jobs.sample.generate.seeds_for)
     save_images: bool = False         # also write out_dir/samples/NNNNNN.png
@@ -65,7 +69,7 @@ class EvaluateConfig:
     def __post_init__(self):
         _check([((self.source is None) != (self.images is None),
                  "set exactly one of source=RUN_OR_EXPORT (generate samples) or images=FOLDER (evaluate a folder)"),
-                (self.images is not None or self.num_samples is not None,
+                (self.images is not None or self.num_samples is not None or self.hr_images is not None,
                  "set num_samples=N: how many samples to generate (e.g. 10000 or 50000 for a paper-style FID)"),
                 (self.num_samples is None or self.num_samples >= 2, f"num_samples={self.num_samples}: at least 2"),
                 (self.num_samples is None or not self.metrics.isc or self.num_samples >= self.metrics.isc_splits,
@@ -74,4 +78,7 @@ class EvaluateConfig:
                 (self.resolution is None or self.resolution > 0, f"resolution={self.resolution}: positive or null"),
                 (self.device in DEVICES, f"device={self.device!r}: one of {DEVICES}"),
                 (self.images is None or (self.prompt_file is None and self.class_ids is None),
-                 "images= evaluates a folder as it is: drop prompt_file / class_ids")])
+                 "images= evaluates a folder as it is: drop prompt_file / class_ids"),
+                (self.hr_images is None or self.source is not None,
+                 "hr_images= is the super-resolution protocol: set source=RUN_OR_EXPORT of an SR model"),
+                (self.degradation in DEGRADATIONS, f"degradation={self.degradation!r}: one of {DEGRADATIONS}")])

@@ -36,6 +36,7 @@ from jobs.distributed import (
     init_distributed,
     print0,
 )
+from jobs.evaluate import sr
 from jobs.evaluate.config import EvaluateConfig
 from jobs.evaluate.fid import (
     PROTOCOL_KEYS,
@@ -88,8 +89,8 @@ def condition_rule(bundle: LDMBundle, cfg: EvaluateConfig) -> Callable[[list[int
         return lambda indices: Conditions(class_ids=[class_ids[i % len(class_ids)] for i in indices])
     if kind == "none":
         return lambda indices: Conditions()
-    raise ValueError(f"preset {bundle.preset_name!r} is conditioned on images ({kind}): evaluate its samples "
-                     "with images=FOLDER instead")
+    raise ValueError(f"preset {bundle.preset_name!r} is conditioned on images ({kind}): for super-resolution set "
+                     "hr_images=FOLDER (the Tab. 5 protocol), else evaluate its samples with images=FOLDER")
 
 
 def generated_slice(bundle: LDMBundle, cfg: EvaluateConfig, dist_info: DistInfo,
@@ -133,6 +134,8 @@ def _record(cfg: EvaluateConfig, metrics: dict, ours: dict, reference: dict, sou
                           "source": reference["source"]},
             "source": source, "sampling": dataclasses.asdict(cfg.sampling) if cfg.source else None,
             "seed": cfg.seed, "prompt_file": cfg.prompt_file, "class_ids": cfg.class_ids,
+            "super_resolution": {"hr_images": str(Path(cfg.hr_images).resolve()), "degradation": cfg.degradation,
+                                 "scale": 4} if cfg.hr_images else None,
             "seconds": round(seconds, 2)}
 
 
@@ -164,11 +167,17 @@ def _evaluate(cfg: EvaluateConfig, dist_info: DistInfo) -> dict | None:
         source_info = {"kind": "images", **source.describe()}
     else:
         bundle = load_ldm(cfg.source, cfg.weights, cfg.autoencoder)
-        images, source_info = generated_slice(bundle, cfg, dist_info, out_dir), bundle.source
+        source_info = bundle.source
+        if cfg.hr_images is not None:
+            sr_scores: list = []
+            images = sr.sr_slice(bundle, cfg, dist_info, sr_scores)
+        else:
+            images = generated_slice(bundle, cfg, dist_info, out_dir)
     generated = gathered_features(extractor, images, cfg.inception.batch_size, dist_info)
+    scores = sr.summarize(sr_scores) if cfg.hr_images is not None else {}  # a gather: every rank
     if not dist_info.is_main:
         return None
-    metrics = compute_metrics(generated, load_stats(cfg.reference_stats)[0], cfg.metrics)
+    metrics = compute_metrics(generated, load_stats(cfg.reference_stats)[0], cfg.metrics) | scores
     num_samples = len(generated[FEATURES_2048])
     record = _record(cfg, metrics, ours, reference, source_info, num_samples, time.perf_counter() - start)
     out_dir.mkdir(parents=True, exist_ok=True)

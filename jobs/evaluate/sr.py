@@ -1,0 +1,69 @@
+"""The x4 super-resolution protocol of Tab. 5: each HR image of `hr_images` is degraded (bicubic or
+BSR, seeded by `seed` and its index), the model upsamples the low-res image, and the sample is scored
+against the HR image: PSNR and SSIM (mean and std over images, ldm.image_metrics), and FID / IS on
+its Inception features like any generated set. The same low-res images upsampled bicubically give
+the baseline row (`bicubic_psnr`, `bicubic_ssim`).
+
+Rank r takes the images with index % world_size == r and draws sample i with seed + i, so the
+numbers do not depend on the number of ranks.
+"""
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from jobs.distributed import DistInfo, all_gather_object
+from jobs.evaluate.fid import iter_slice, open_source, to_inception_input, to_pil
+from jobs.sample.conditions import Conditions
+from jobs.sample.generate import generate, seeds_for
+from ldm.image_metrics import psnr, ssim
+from pipeline.conditions import condition_rng
+from pipeline.conditions.degradations import SCALE, degrade
+
+SCORES = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")
+
+
+def _signed(images_NHW3: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images_NHW3).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _scores(sr_NHW3: np.ndarray, hr_NHW3: np.ndarray, low_NHW3: np.ndarray) -> list[dict[str, float]]:
+    height, width = hr_NHW3.shape[1:3]
+    bicubic = np.stack([np.asarray(Image.fromarray(x).resize((width, height), Image.Resampling.BICUBIC))
+                        for x in low_NHW3])
+    sr, hr, up = _signed(sr_NHW3), _signed(hr_NHW3), _signed(bicubic)
+    values = {"psnr": psnr(sr, hr), "ssim": ssim(sr, hr), "bicubic_psnr": psnr(up, hr), "bicubic_ssim": ssim(up, hr)}
+    return [{key: float(values[key][i]) for key in SCORES} for i in range(len(hr_NHW3))]
+
+
+def sr_slice(bundle, cfg, dist_info: DistInfo, scores: list) -> Iterator[tuple[int, torch.Tensor]]:
+    """(global index, Inception input) of this rank's SR samples; appends (index, scores) to `scores`."""
+    source = open_source(cfg.hr_images)
+    hr_images = iter_slice(source, dist_info.rank, dist_info.world_size, None, cfg.num_samples)
+    while chunk := [item for _, item in zip(range(cfg.sampling.batch_size), hr_images)]:
+        indices = [index for index, _ in chunk]
+        hr = [image.numpy().transpose(1, 2, 0) for _, image in chunk]
+        sizes = {x.shape[:2] for x in hr}
+        if len(sizes) > 1:
+            raise ValueError(f"hr_images={cfg.hr_images!r}: images {indices} have different sizes {sorted(sizes)}; "
+                             "give HR images of one size (crop them as precompute does)")
+        if any(side % SCALE for side in hr[0].shape[:2]):
+            raise ValueError(f"hr_images={cfg.hr_images!r}: image {indices[0]} is {hr[0].shape[0]}x{hr[0].shape[1]}, "
+                             f"not a multiple of {SCALE}: crop the HR images to multiples of {SCALE}")
+        low = np.stack([degrade(x, cfg.degradation, condition_rng(cfg.seed, 0, i)) for i, x in zip(indices, hr)])
+        samples = generate(bundle, Conditions(images=_signed(low)), seeds_for(indices, cfg.seed), cfg.sampling,
+                           dist_info.device).numpy()
+        scores.extend(zip(indices, _scores(samples, np.stack(hr), low)))
+        for index, image_HW3 in zip(indices, samples):
+            yield index, to_inception_input(to_pil(image_HW3), cfg.resolution)
+
+
+def summarize(scores: list) -> dict[str, float]:
+    """Mean and std over every rank's images (call on every rank: a gather)."""
+    merged = sorted((pair for part in all_gather_object(scores) for pair in part), key=lambda pair: pair[0])
+    out = {}
+    for key in SCORES:
+        values = np.array([s[key] for _, s in merged])
+        out[key], out[f"{key}_std"] = float(values.mean()), float(values.std())
+    return out
