@@ -239,9 +239,11 @@ def test_training_on_low_res_conditions_lowers_the_loss_and_uses_the_condition(t
     assert grid.shape[1] > grid.shape[0]  # low-res | sample pairs side by side
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_resume_with_bsr_conditions_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, sr_latents,
-                                                                             single_process_env):
-    extra = {"checkpoint.every_steps": 3}
+                                                                             single_process_env, stage):
+    """Under each ZeRO stage (one rank here; 2-rank ZeRO is test_train's, whose batches hold tokens)."""
+    extra = {"checkpoint.every_steps": 3, "trainer.zero_stage": stage}
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_train(single_process_env, overrides_for(sr_latents, straight, 6, **extra)) == 0
     run_train(single_process_env, overrides_for(sr_latents, split, 6, **extra, **{"trainer.stop_after_steps": 4}))
