@@ -10,7 +10,17 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+# The files that start Ray clusters (or run jobs that do) go to one pytest-xdist worker, one after
+# another: with two clusters up on one machine at once a `ray start --address` node was seen not to
+# join in 120 s. Every other file is a group of its own, so `make test` (--dist loadgroup) hands
+# out whole files and their module fixtures start once.
+RAY_FILES = {"test_demo", "test_ingest", "test_ingest_two_nodes", "test_precompute", "test_slurm"}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.stem
+        item.add_marker(pytest.mark.xdist_group("ray" if module in RAY_FILES else module))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -50,3 +60,21 @@ def ray_cluster(tmp_path_factory):
     ray = init_ray(RayConfig(num_cpus=2, object_store_mb=200, temp_dir=str(tmp_path_factory.mktemp("ray"))))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def single_process_env(monkeypatch):
+    """Call it before each in-process job run: one rank (DeepSpeed needs RANK & co., else it looks
+    for MPI) on a fresh port. One intra-op thread meanwhile: on 2 cores shared with other jobs, 2
+    threads stall each other (steps seen to take 0.2-9 s), 1 thread runs at a steady pace."""
+    from jobs.distributed import free_port
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def fresh():
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(free_port())}.items():
+            monkeypatch.setenv(key, value)
+    yield fresh
+    torch.set_num_threads(threads)

@@ -15,32 +15,12 @@ from factories import make_config, overrides_for, torchrun_train, write_latents
 from safetensors.torch import load_file
 
 from jobs.checkpointing import TMP_PREFIX, CheckpointManager
-from jobs.distributed import free_port
 from jobs.train.loop import NonFiniteLossError, train
 
 
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory) -> Path:
     return write_latents(tmp_path_factory.mktemp("latents"))
-
-
-@pytest.fixture
-def single_process_env(monkeypatch):
-    """One rank, a fresh port per run: DeepSpeed needs RANK & co. (else it looks for MPI). One
-    intra-op thread: on 2 cores shared with other jobs, 2 threads stall each other (steps seen to take
-    0.2-9 s), 1 thread runs at a steady pace."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield _fresh_env(monkeypatch)
-    torch.set_num_threads(threads)
-
-
-def _fresh_env(monkeypatch):
-    def fresh():
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(free_port())}.items():
-            monkeypatch.setenv(key, value)
-    return fresh
 
 
 def run_train(env, overrides: list[str]) -> int:

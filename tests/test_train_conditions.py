@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 import jobs.config
 from jobs.checkpointing import CheckpointManager
 from jobs.config import to_dataclass
-from jobs.distributed import free_port
 from jobs.train.config import TrainConfig
 from jobs.train.loop import condition, train
 from jobs.train.setup import StoredContext
@@ -93,20 +92,6 @@ def overrides_for(group: dict[str, str], latent_dir: Path, run_dir: Path, max_st
 
 CIN = {"model": "debug-cin", "data": "labels"}
 CONTEXT = {"data": "context", "model.train_text_encoder": "false"}
-
-
-@pytest.fixture
-def single_process_env(monkeypatch):
-    """One rank (DeepSpeed needs RANK & co.), a fresh port per run, one intra-op thread (2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-
-    def fresh():
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(free_port())}.items():
-            monkeypatch.setenv(key, value)
-    yield fresh
-    torch.set_num_threads(threads)
 
 
 def run_train(env, overrides: list[str]) -> int:

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 import jobs.config
 from jobs.checkpointing import CheckpointManager
 from jobs.config import to_dataclass
-from jobs.distributed import free_port
 from jobs.train.config import TrainConfig
 from jobs.train.loop import train
 from jobs.train.setup import build_models
@@ -104,20 +103,6 @@ def overrides_for(latent_dir: Path, run_dir: Path, max_steps: int, **extra) -> l
               "optim.lr": 1e-3, "logger.mode": "disabled", "logger.log_every": 1, "logger.image_every": max_steps,
               "logger.progress_bar": False, "trainer.num_samples": 3, "trainer.sample_steps": 2} | extra
     return [f"{key}={value}" for key, value in values.items()]
-
-
-@pytest.fixture
-def single_process_env(monkeypatch):
-    """One rank (DeepSpeed needs RANK & co.), a fresh port per run, one intra-op thread (2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-
-    def fresh():
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(free_port())}.items():
-            monkeypatch.setenv(key, value)
-    yield fresh
-    torch.set_num_threads(threads)
 
 
 def run_train(env, overrides: list[str]) -> int:
