@@ -48,7 +48,7 @@ demo: install
 # 18.7 minutes on 2 cores). TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
 test: install install-slurm
-	$(RUN) $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(RUN) $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench-cpu: install
 	$(RUN) $(PYTHON) bench/unet_step.py

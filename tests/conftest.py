@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,16 +12,26 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 # The files that start Ray clusters (or run jobs that do) go to one pytest-xdist worker, one after
-# another: with two clusters up on one machine at once a `ray start --address` node was seen not to
-# join in 120 s. Every other file is a group of its own, so `make test` (--dist loadgroup) hands
-# out whole files and their module fixtures start once.
+# another: in two fresh runs of `make test` a `ray start --address` node did not join in 120 s while
+# another file had a cluster up. Every other file goes whole to one worker, as --dist loadfile does,
+# so module fixtures start once. (xdist_group markers cannot do this: xdist 3.8 renames node ids
+# through Item._nodeid, which pytest 9.2 no longer reads.)
 RAY_FILES = {"test_demo", "test_ingest", "test_ingest_two_nodes", "test_precompute", "test_slurm"}
 
 
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class RayFilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "ray" if Path(scope).stem in RAY_FILES else scope
+    return RayFilesTogether(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.path.stem
-        item.add_marker(pytest.mark.xdist_group("ray" if module in RAY_FILES else module))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -78,3 +89,5 @@ def single_process_env(monkeypatch):
             monkeypatch.setenv(key, value)
     yield fresh
     torch.set_num_threads(threads)
+
+
