@@ -221,7 +221,7 @@ def test_training_on_low_res_conditions_lowers_the_loss_and_uses_the_condition(t
     own, other = _held_out_loss(run_dir, sr_latents, False), _held_out_loss(run_dir, sr_latents, True)
     assert own < 0.8 * other, (own, other)  # its own low-res image tells the model more than another's
     grid = np.asarray(Image.open(run_dir / "images" / "samples_00000080.png"))
-    assert grid.shape[1] > grid.shape[0]  # low-res | sample pairs side by side
+    assert grid.shape[1] == 6 * (grid.shape[0] + 2) - 2  # one row of 3 low-res | sample pairs (2 px gaps)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

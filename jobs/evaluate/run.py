@@ -135,7 +135,7 @@ def _record(cfg: EvaluateConfig, metrics: dict, ours: dict, reference: dict, sou
             "source": source, "sampling": dataclasses.asdict(cfg.sampling) if cfg.source else None,
             "seed": cfg.seed, "prompt_file": cfg.prompt_file, "class_ids": cfg.class_ids,
             "super_resolution": {"hr_images": str(Path(cfg.hr_images).resolve()), "degradation": cfg.degradation,
-                                 "scale": 4} if cfg.hr_images else None,
+                                 "scale": sr.SCALE} if cfg.hr_images else None,
             "seconds": round(seconds, 2)}
 
 
@@ -161,6 +161,7 @@ def _evaluate(cfg: EvaluateConfig, dist_info: DistInfo) -> dict | None:
     ours = {**identity, "resize": resize_method(cfg.resolution), "resolution": cfg.resolution}
     reference = check_reference(cfg.reference_stats, ours)
     start = time.perf_counter()
+    sr_scores: list = []  # (index, PSNR / SSIM) of this rank's SR samples (hr_images=)
     if cfg.images is not None:
         source = open_source(cfg.images)
         images = iter_slice(source, dist_info.rank, dist_info.world_size, cfg.resolution, cfg.num_samples)
@@ -169,7 +170,6 @@ def _evaluate(cfg: EvaluateConfig, dist_info: DistInfo) -> dict | None:
         bundle = load_ldm(cfg.source, cfg.weights, cfg.autoencoder)
         source_info = bundle.source
         if cfg.hr_images is not None:
-            sr_scores: list = []
             images = sr.sr_slice(bundle, cfg, dist_info, sr_scores)
         else:
             images = generated_slice(bundle, cfg, dist_info, out_dir)

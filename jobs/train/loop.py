@@ -41,13 +41,13 @@ from jobs.train.setup import (
     autocast,
     build_engine,
     build_models,
+    null_input,
     peak_flops,
     train_flops_per_image,
 )
-from ldm.diffusion.conditioners import CONCAT_CONDITIONERS
 from ldm.diffusion.objectives import diffusion_loss
 from ldm.presets import PRESETS
-from pipeline.conditions import condition_size
+from pipeline.conditions.degradations import SCALE
 from pipeline.latents.loader import LatentLoader
 
 EMA_FILE, CONFIG_FILE, DEEPSPEED_TAG = "ema.safetensors", "config.yaml", "deepspeed"
@@ -102,8 +102,7 @@ def condition(job: Job, batch: dict, generator: torch.Generator) -> torch.Tensor
     if job.cfg.condition_key == "label":
         _check_labels(y, job.models.preset.conditioner.num_classes, job.cfg.model.preset)
     drop_B = torch.rand(len(y), generator=generator, device=device) < job.cfg.model.cond_dropout
-    null = encoder.null_like(y) if isinstance(encoder, CONCAT_CONDITIONERS) else encoder.null_condition(len(y))
-    y = torch.where(drop_B.view(-1, *[1] * (y.ndim - 1)), null, y)
+    y = torch.where(drop_B.view(-1, *[1] * (y.ndim - 1)), null_input(encoder, y), y)
     if job.models.frozen_conditioner is None:
         return y  # encoded inside the engine: tau_theta trained jointly (Eq. 3)
     with torch.no_grad(), autocast(job.cfg.trainer.precision, device):
@@ -212,13 +211,13 @@ def _check_data(cfg: TrainConfig, loader: LatentLoader) -> None:
     if cfg.data.use_context:
         _record_text_encoder(cfg, loader.manifest["text_encoder"])
     if cfg.data.condition:
-        side = condition_size(cfg.data.condition, loader.manifest["resolution"])
+        side = loader.manifest["resolution"] // SCALE
         if side != preset.latent_size or preset.conditioner.concat_channels != 3:
             raise ValueError(f"data.condition={cfg.data.condition!r} makes {side}x{side} RGB images from the "
                              f"{loader.manifest['resolution']} px crops of {cfg.data.path}; model.preset="
                              f"{cfg.model.preset!r} concatenates {preset.conditioner.concat_channels} channels at "
                              f"{preset.latent_size}x{preset.latent_size}: precompute at resolution "
-                             f"{4 * preset.latent_size} with an f=4 autoencoder, or choose a matching preset")
+                             f"{SCALE * preset.latent_size} with an f=4 autoencoder, or choose a matching preset")
     if loader.classes is not None and len(loader.classes) > preset.conditioner.num_classes:
         raise ValueError(f"data.classes_file={cfg.data.classes_file!r} names {len(loader.classes)} classes, "
                          f"model.preset={cfg.model.preset!r} has {preset.conditioner.num_classes}: choose a preset "

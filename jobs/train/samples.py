@@ -14,7 +14,8 @@ from torch import Tensor
 
 from jobs.train.config import TrainConfig
 from jobs.train.ema import TrainEMA
-from jobs.train.setup import Models, TrainModule, autocast
+from jobs.sample.conditions import unet_with_conditions
+from jobs.train.setup import Models, TrainModule, autocast, null_input
 from ldm.diffusion.conditioners import CONCAT_CONDITIONERS
 from ldm.diffusion.guidance import classifier_free_guidance
 from ldm.diffusion.samplers import sample_ddim
@@ -75,15 +76,9 @@ def _guided_model(cfg: TrainConfig, models: Models, sampler: Sampler, tokens_BL:
         return lambda x_t, t_B: unet(x_t, t_B)
     tokens_BL = tokens_BL[:num].to(next(sampler.module.parameters()).device)
     encoder = models.frozen_conditioner or sampler.module.conditioner
-    if isinstance(encoder, CONCAT_CONDITIONERS):
-        model_c = lambda x_t, t_B, c: unet(torch.cat([x_t, c.to(x_t.dtype)], dim=1), t_B)  # noqa: E731
-        cond, uncond = encoder(tokens_BL), encoder(encoder.null_like(tokens_BL))
-    else:
-        model_c = lambda x_t, t_B, c: unet(x_t, t_B, c)  # noqa: E731
-        cond, uncond = encoder(tokens_BL), encoder(encoder.null_condition(num))
-    if cfg.trainer.guidance_scale == 1.0:  # the conditional model alone
-        return lambda x_t, t_B: model_c(x_t, t_B, cond)
-    return classifier_free_guidance(model_c, cond, uncond, cfg.trainer.guidance_scale)
+    key = "concat" if isinstance(encoder, CONCAT_CONDITIONERS) else "context"
+    cond, uncond = {key: encoder(tokens_BL)}, {key: encoder(null_input(encoder, tokens_BL))}
+    return classifier_free_guidance(unet_with_conditions(unet), cond, uncond, cfg.trainer.guidance_scale)
 
 
 def _to_images(sampler: Sampler, z_BCHW: Tensor) -> Tensor:

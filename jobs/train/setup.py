@@ -63,6 +63,12 @@ class StoredContext(nn.Module):
         return self.null_context_LD.expand(batch_size, -1, -1)
 
 
+def null_input(encoder: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The empty condition in place of a batch of inputs y: zeros of y's shape for a concat
+    conditioner (it has no shape-free one), else the conditioner's null_condition."""
+    return encoder.null_like(y) if isinstance(encoder, CONCAT_CONDITIONERS) else encoder.null_condition(len(y))
+
+
 @dataclass
 class Models:
     module: TrainModule                    # trainable: goes into the DeepSpeed engine

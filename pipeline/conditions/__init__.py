@@ -12,7 +12,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from pipeline.conditions.degradations import SCALE, degrade
+from pipeline.conditions.degradations import degrade
 
 CONDITIONS = ("sr-bicubic", "sr-bsr")
 CONDITION_FILES = {"sr-bicubic": ("image.png",), "sr-bsr": ("image.png",)}
@@ -37,8 +37,3 @@ def make_condition(kind: str, files: dict[str, bytes], rng: np.random.Generator,
         low_res = degrade(decode_image(files["image.png"], where), kind.removeprefix("sr-"), rng)
         return low_res.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
     raise ValueError(f"data.condition={kind!r}: use one of {CONDITIONS}")
-
-
-def condition_size(kind: str, resolution: int) -> int:
-    """The side of the condition of an image of side `resolution`."""
-    return resolution // SCALE
