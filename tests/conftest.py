@@ -12,10 +12,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 # The files that start Ray clusters (or run jobs that do) go to one pytest-xdist worker, one after
-# another: in two fresh runs of `make test` a `ray start --address` node did not join in 120 s while
-# another file had a cluster up. Every other file goes whole to one worker, as --dist loadfile does,
-# so module fixtures start once. (xdist_group markers cannot do this: xdist 3.8 renames node ids
-# through Item._nodeid, which pytest 9.2 no longer reads.)
+# another, so two clusters never compete for one machine's fixed ports and 2 cores. Every other
+# file goes whole to one worker, as --dist loadfile does, so module fixtures start once.
+# (xdist_group markers cannot do this: xdist 3.8 renames node ids through Item._nodeid, which
+# pytest 9.2 no longer reads.)
 RAY_FILES = {"test_demo", "test_ingest", "test_ingest_two_nodes", "test_precompute", "test_slurm"}
 
 
