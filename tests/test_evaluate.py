@@ -371,8 +371,9 @@ def test_super_resolution_protocol_scores_against_the_hr_images_on_any_rank_spli
     source = save_ldm(tiny_bundle("debug-sr"), tmp_path / "sr")
     hr = _hr_folder(tmp_path / "hr")
     overrides = eval_overrides(data, small_stats, tmp_path / "eval", source=source, hr_images=hr,
-                               degradation="bsr", **{"sampling.num_steps": 2, "sampling.guidance_scale": 1.0,
-                                                     "metrics.isc_splits": 2, "metrics.prc": False})
+                               degradation="bsr", save_images=True,
+                               **{"sampling.num_steps": 2, "sampling.guidance_scale": 1.0,
+                                  "metrics.isc_splits": 2, "metrics.prc": False})
     cfg = make_config("evaluate", EvaluateConfig, overrides)
     summary = evaluate(cfg)
     record = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -383,6 +384,9 @@ def test_super_resolution_protocol_scores_against_the_hr_images_on_any_rank_spli
     for i in range(4):
         image = np.asarray(Image.open(hr / f"{i:04d}.png").convert("RGB"))
         low = degrade(image, "bsr", condition_rng(cfg.seed, 0, i))
+        saved_low = np.asarray(Image.open(tmp_path / "eval" / "low_res" / f"{i:06d}.png"))
+        np.testing.assert_array_equal(saved_low, low)  # save_images: the model's very input
+        assert Image.open(tmp_path / "eval" / "samples" / f"{i:06d}.png").size == (64, 64)
         up = np.asarray(Image.fromarray(low).resize((64, 64), Image.Resampling.BICUBIC))
         pair = [torch.from_numpy(np.array(x)).permute(2, 0, 1)[None].float() / 127.5 - 1 for x in (up, image)]
         up_psnr.append(float(psnr(*pair)[0]))

@@ -57,7 +57,7 @@ class EvaluateConfig:
     degradation: str = "bicubic"      # with hr_images: bicubic | bsr (pipeline.conditions.degradations)
     num_samples: int | None = None    # samples to generate; with images=: the first N (None: all)
     seed: int = 0                     # sample i is drawn with seed + i (jobs.sample.generate.seeds_for)
-    save_images: bool = False         # also write out_dir/samples/NNNNNN.png
+    save_images: bool = False         # also write out_dir/samples/NNNNNN.png (hr_images=: and out_dir/low_res/)
     resolution: int | None = None     # resize + centre-crop before Inception; must equal the reference's
     overwrite: bool = False           # replace an existing out_dir/metrics.json
     device: str = "auto"

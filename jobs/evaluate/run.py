@@ -170,7 +170,8 @@ def _evaluate(cfg: EvaluateConfig, dist_info: DistInfo) -> dict | None:
         bundle = load_ldm(cfg.source, cfg.weights, cfg.autoencoder)
         source_info = bundle.source
         if cfg.hr_images is not None:
-            images = sr.sr_slice(bundle, cfg, dist_info, sr_scores)
+            images = sr.sr_slice(bundle, cfg, dist_info, sr_scores, (out_dir / SAMPLES_DIR, out_dir / sr.LOW_RES_DIR)
+                                 if cfg.save_images else None)
         else:
             images = generated_slice(bundle, cfg, dist_info, out_dir)
     generated = gathered_features(extractor, images, cfg.inception.batch_size, dist_info)

@@ -8,6 +8,7 @@ Rank r takes the images with index % world_size == r and draws sample i with see
 numbers do not depend on the number of ranks.
 """
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from pipeline.conditions import condition_rng
 from pipeline.conditions.degradations import SCALE, degrade
 
 SCORES = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")
+LOW_RES_DIR = "low_res"  # save_images=true: the low-res inputs beside out_dir/samples
 
 
 def _signed(images_NHW3: np.ndarray) -> torch.Tensor:
@@ -37,8 +39,12 @@ def _scores(sr_NHW3: np.ndarray, hr_NHW3: np.ndarray, low_NHW3: np.ndarray) -> l
     return [{key: float(values[key][i]) for key in SCORES} for i in range(len(hr_NHW3))]
 
 
-def sr_slice(bundle, cfg, dist_info: DistInfo, scores: list) -> Iterator[tuple[int, torch.Tensor]]:
-    """(global index, Inception input) of this rank's SR samples; appends (index, scores) to `scores`."""
+def sr_slice(bundle, cfg, dist_info: DistInfo, scores: list,
+             save_to: tuple[Path, Path] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """(global index, Inception input) of this rank's SR samples; appends (index, scores) to `scores`.
+    save_to=(samples folder, low-res folder): also write each sample and its low-res input as PNG."""
+    for folder in save_to or ():
+        folder.mkdir(parents=True, exist_ok=True)
     source = open_source(cfg.hr_images)
     hr_images = iter_slice(source, dist_info.rank, dist_info.world_size, None, cfg.num_samples)
     while chunk := [item for _, item in zip(range(cfg.sampling.batch_size), hr_images)]:
@@ -55,7 +61,10 @@ def sr_slice(bundle, cfg, dist_info: DistInfo, scores: list) -> Iterator[tuple[i
         samples = generate(bundle, Conditions(images=_signed(low)), seeds_for(indices, cfg.seed), cfg.sampling,
                            dist_info.device).numpy()
         scores.extend(zip(indices, _scores(samples, np.stack(hr), low)))
-        for index, image_HW3 in zip(indices, samples):
+        for index, image_HW3, low_HW3 in zip(indices, samples, low):
+            if save_to:
+                Image.fromarray(image_HW3).save(save_to[0] / f"{index:06d}.png")
+                Image.fromarray(low_HW3).save(save_to[1] / f"{index:06d}.png")
             yield index, to_inception_input(to_pil(image_HW3), cfg.resolution)
 
 
