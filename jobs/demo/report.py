@@ -6,11 +6,9 @@ autoencoder's reconstructions, sample grids (guided, unguided, unconditional, an
 side by side), the metrics tables (caption adherence per attribute with chance levels; FID / KID with
 the feature extractor named), the command each stage ran, and where every artifact is.
 
-Plots use matplotlib when it is installed and a small PIL line plot otherwise (the project does not
-depend on matplotlib); the report says which drew them.
+Curves are drawn with matplotlib, on a log loss axis.
 """
 import dataclasses
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -38,55 +36,25 @@ def curve(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def plot_backend() -> str:
-    """"matplotlib" when it is installed (optional: only these plots use it), else "PIL"."""
-    return "matplotlib" if importlib.util.find_spec("matplotlib") is not None else "PIL"
-
-
-def plot_curve(steps: np.ndarray, values: np.ndarray, title: str, ylabel: str, path: Path) -> Path:
-    """A loss curve as a PNG, with matplotlib if installed, else drawn with PIL."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if plot_backend() == "matplotlib":
-        return _plot_matplotlib(steps, values, title, ylabel, path)
-    return _plot_pil(steps, values, title, ylabel, path)
-
-
-def _plot_matplotlib(steps, values, title, ylabel, path: Path) -> Path:
+def plot_curve(steps: np.ndarray, values: np.ndarray, title: str, ylabel: str, path: Path,
+               log_y: bool = True) -> Path:
+    """A training curve as a PNG (matplotlib, no display needed); a log y axis by default: a loss that
+    falls by orders of magnitude stays readable at its end."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     ax.plot(steps, values, linewidth=1.2)
     ax.set(title=title, xlabel="step", ylabel=ylabel)
-    ax.grid(alpha=0.3)
+    if log_y and len(values) and np.all(values > 0):
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return path
-
-
-def _plot_pil(steps, values, title, ylabel, path: Path, size=(600, 320), margin=(70, 20, 30, 40)) -> Path:
-    """Axes, a polyline, min / max tick labels; margins are (left, right, top, bottom) pixels."""
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = margin
-    x0, x1, y0, y1 = left, size[0] - right, top, size[1] - bottom
-    draw.rectangle([x0, y0, x1, y1], outline="black")
-    draw.text((x0, 8), f"{title}", fill="black")
-    draw.text((x0, size[1] - 18), f"step {steps.min():.0f} .. {steps.max():.0f}" if len(steps) else "no data",
-              fill="black")
-    if len(steps) >= 2:
-        low, high = float(values.min()), float(values.max())
-        span_x, span_y = max(steps.max() - steps.min(), 1e-12), max(high - low, 1e-12)
-        xs = x0 + (steps - steps.min()) / span_x * (x1 - x0)
-        ys = y1 - (values - low) / span_y * (y1 - y0)
-        draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(31, 119, 180), width=2)
-        draw.text((4, y0), f"{high:.3g}", fill="black")
-        draw.text((4, y1 - 10), f"{low:.3g}", fill="black")
-    draw.text((4, (y0 + y1) // 2), ylabel[:10], fill="black")
-    image.save(path)
     return path
 
 
@@ -186,13 +154,19 @@ def _stages(out_dir: Path, results: dict, runner) -> list[str]:
         ["stage", "what it did", "wall s", "CPU s", "throughput", "log"], rows)
 
 
-def _curves(out_dir: Path, plots: Path) -> list[str]:
-    ae = curve(read_jsonl(out_dir / "autoencoder" / "metrics.jsonl"), "train/rec_loss")
-    ldm = curve(read_jsonl(out_dir / "ldm" / "metrics.jsonl"), "loss")
-    ae_png = plot_curve(*ae, "autoencoder: L1 reconstruction loss", "L1", plots / "autoencoder_loss.png")
-    ldm_png = plot_curve(*ldm, "LDM: diffusion loss (Eq. 2, mean over ranks)", "loss", plots / "ldm_loss.png")
-    return ["## Training curves", "", f"Plotted with {plot_backend()}.", "",
-            f"![autoencoder loss]({_rel(ae_png, out_dir)})", "", f"![LDM loss]({_rel(ldm_png, out_dir)})", ""]
+def curves(out_dir: Path, plots: Path, runs: list[tuple[str, str, str, str]]) -> list[str]:
+    """The "Training curves" section: per (run folder, metrics key, title, y label), its curve from
+    OUT/RUN/metrics.jsonl."""
+    lines = ["## Training curves", ""]
+    for run, key, title, ylabel in runs:
+        png = plot_curve(*curve(read_jsonl(out_dir / run / "metrics.jsonl"), key), title, ylabel,
+                         plots / f"{run.replace('/', '_')}_loss.png")
+        lines += [f"![{title}]({_rel(png, out_dir)})", ""]
+    return lines
+
+
+T2I_CURVES = [("autoencoder", "train/rec_loss", "autoencoder: L1 reconstruction loss", "L1"),
+              ("ldm", "loss", "LDM: diffusion loss (Eq. 2, mean over ranks)", "loss")]
 
 
 def _reconstructions(out_dir: Path, results: dict) -> list[str]:
@@ -265,10 +239,13 @@ def write_report(out_dir: Path, settings, results: dict, runner, check: dict | N
     captions = [line for line in (out_dir / "prompts.txt").read_text().splitlines() if line]
     lines = ["# Demo run report", "", f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} in `{out_dir}`. The whole "
              "pipeline on the embedded synthetic captioned scenes, on CPU; see README.md.", ""]
-    lines += _headline(results, check) + _stages(out_dir, results, runner) + _curves(out_dir, plots)
+    lines += _headline(results, check) + _stages(out_dir, results, runner) + curves(out_dir, plots, T2I_CURVES)
     lines += _reconstructions(out_dir, results) + _samples(out_dir, plots, captions, settings)
     lines += _metrics(results) + _artifacts(out_dir, results) + _settings(out_dir, settings, runner, list(results))
-    path = out_dir / "report.md"
+    return write_markdown(out_dir / "report.md", lines)
+
+
+def write_markdown(path: Path, lines: list[str]) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines))
     tmp.replace(path)
