@@ -199,4 +199,9 @@ PRESETS: dict[str, LDMPreset] = {
     "debug-sr": LDMPreset(
         UNetConfig(7, 4, **DEBUG_UNET), "debug-vq", 16, _linear(0.0015, 0.0155),
         ConditionerConfig("concat", concat_channels=3)),
+    # The CPU demo's x4 super-resolution (jobs.demo --task sr): 8x8x4 latents of 32 px scenes (debug-kl,
+    # f=4) with the 8x8 low-res image concatenated, the SR models' schedule.
+    "demo-sr": LDMPreset(
+        UNetConfig(7, 4, **DEBUG_UNET), "debug-kl", 8, _linear(0.0015, 0.0155),
+        ConditionerConfig("concat", concat_channels=3), scale_factor=None),
 }

@@ -4,11 +4,15 @@ import json
 import re
 import sys
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from jobs.demo import run as demo
 from jobs.demo.report import SECTIONS
 from jobs.demo.stages import Stage, StageFailed, StageRunner, last_json_line, run_logged
+from ldm.image_metrics import psnr
 
 
 class Counting:
@@ -92,8 +96,11 @@ def test_settings_errors_name_the_option():
         demo.parse_args(["--num-samples", "500"])
     with pytest.raises(ValueError, match="raise --ae-max-steps"):
         demo.parse_args(["--ae-steps", "2000"])
-    settings, reuse = demo.parse_args(["--guidance-t-max", "none", "--train-steps", "7", "--fresh"])
-    assert settings.guidance_t_max is None and settings.train_steps == 7 and reuse is False
+    settings, reuse, task = demo.parse_args(["--guidance-t-max", "none", "--train-steps", "7", "--fresh"])
+    assert settings.guidance_t_max is None and settings.train_steps == 7 and reuse is False and task == "t2i"
+    assert demo.parse_args(["--task", "sr"])[2] == "sr"
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--task", "inpaint"])  # argparse names the choices
 
 
 HEADLINE_KEYS = ("caption_adherence_guided", "caption_adherence_unguided", "caption_adherence_unconditional",
@@ -101,6 +108,10 @@ HEADLINE_KEYS = ("caption_adherence_guided", "caption_adherence_unguided", "capt
                  "fid_comparable_to_published", "adherence_by_attribute", "adherence_check", "stage_seconds",
                  "stage_cpu_seconds", "report")
 STAGES = ("generate", "ingest", "autoencoder", "latents", "ldm", "sample", "fid", "adherence")
+SHARED_STAGES, SR_STAGES = STAGES[:3], ("sr_latents", "sr_ldm", "sr_eval")
+SR_HEADLINE_KEYS = ("sr_psnr", "bicubic_psnr", "sr_ssim", "bicubic_ssim", "sr_fid", "autoencoder_psnr", "sr_check",
+                    "stage_seconds", "report")
+SR_SECTIONS = ("Headline", "Stages", "Training curves", "Autoencoder reconstructions", "Super-resolution", "Settings")
 
 
 @pytest.mark.slow
@@ -135,6 +146,33 @@ def test_demo_runs_every_stage_end_to_end_and_a_rerun_reuses_them(tmp_path, caps
     assert again["stages_reused"] == list(STAGES)
     assert {k: again[k] for k in ("fid", "caption_adherence_guided")} == {k: headline[k] for k in ("fid",
                                                                                                   "caption_adherence_guided")}
+
+    # --task sr in the same folder: the shared stages are reused, the SR stages run the real jobs
+    demo.main([*args, "--task", "sr"])
+    sr = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(SR_HEADLINE_KEYS) <= set(sr) and sr["stages_reused"] == list(SHARED_STAGES)
+    assert set(sr["stage_seconds"]) == {*SHARED_STAGES, *SR_STAGES}
+    assert json.loads((tmp_path / "demo" / "metrics-sr.json").read_text()) == sr
+    # The scores are those of the pictures the job saved: the samples and the bicubic upsampling of the
+    # saved low-res inputs, against the held-out images
+    ev = tmp_path / "demo" / "sr" / "eval" / "bicubic"
+    held_out = sorted((tmp_path / "demo" / "data" / "held_out").glob("*.jpg"))
+    hr = _signed([Image.open(f).convert("RGB") for f in held_out])
+    low = [Image.open(ev / "low_res" / f"{i:06d}.png") for i in range(len(held_out))]
+    assert low[0].size == (8, 8)
+    up = _signed([x.resize((32, 32), Image.Resampling.BICUBIC) for x in low])
+    samples = _signed([Image.open(ev / "samples" / f"{i:06d}.png") for i in range(len(held_out))])
+    assert sr["bicubic_psnr"] == pytest.approx(float(psnr(up, hr).mean()), abs=1e-3)
+    assert sr["sr_psnr"] == pytest.approx(float(psnr(samples, hr).mean()), abs=1e-3)
+    assert sr["sr_check"]["passed"] == (sr["sr_psnr"] > sr["bicubic_psnr"])
+    text = (tmp_path / "demo" / "report-sr.md").read_text()
+    assert re.findall(r"^## (.+)$", text, flags=re.M) == list(SR_SECTIONS)
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (tmp_path / "demo" / link).is_file(), link
+
+
+def _signed(images) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(x) for x in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 @pytest.mark.full_demo

@@ -62,8 +62,8 @@ def standin_inception(path: Path, calibration_N3HW: torch.Tensor) -> Path:
     return path
 
 
-def feature_extractor(s, reference_dir: Path) -> dict:
-    """The Inception weights to use and how the report names them."""
+def feature_extractor(s, reference_dir: Path, folder: Path) -> dict:
+    """The Inception weights to use (a stand-in is written to `folder`) and how the report names them."""
     try:
         path = find_inception_weights(None, allow_download=False)
         return {"weights_path": str(path), "comparable": True,
@@ -72,7 +72,7 @@ def feature_extractor(s, reference_dir: Path) -> dict:
         pass
     files = sorted(reference_dir.glob("*.jpg"))[:s.num_calibration]
     images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
-    path = standin_inception(s.out / "eval" / "standin-inception.pth",
+    path = standin_inception(folder / "standin-inception.pth",
                              torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
     return {"weights_path": str(path), "comparable": False,
             "extractor": f"stand-in: torch-fidelity inception-v3-compat with random weights (seed {STANDIN_SEED}), "
@@ -80,14 +80,21 @@ def feature_extractor(s, reference_dir: Path) -> dict:
                          "weights were not found (see jobs/evaluate/inception.py)"}
 
 
-def fid_kid(s, reference_dir: Path, log_path: Path) -> dict:
-    """Reference statistics of the held-out images, then FID / KID of each variant's samples."""
-    extractor = feature_extractor(s, reference_dir)
+def reference_stats(s, reference_dir: Path, folder: Path, stage: str, log_path: Path) -> tuple[dict, dict, Path]:
+    """(extractor, the jobs' inception overrides, stats folder): `jobs.fid_stats` of the held-out images
+    into `folder`, with the FID Inception when it is on the machine, else the stand-in."""
+    extractor = feature_extractor(s, reference_dir, folder)
     inception = {"inception.weights_path": extractor["weights_path"], "inception.allow_download": False,
                  "inception.batch_size": 48, "device": "cpu"}
-    stats = s.out / "eval" / "reference.stats"
-    run_job("fid_reference", "fid_stats", {"reference": reference_dir, "out": stats, "isc": False,
-                                           "overwrite": True, **inception}, s, log_path, NUM_RANKS)
+    stats = folder / "reference.stats"
+    run_job(stage, "fid_stats", {"reference": reference_dir, "out": stats, "isc": False, "overwrite": True,
+                                 **inception}, s, log_path, NUM_RANKS)
+    return extractor, inception, stats
+
+
+def fid_kid(s, reference_dir: Path, log_path: Path) -> dict:
+    """Reference statistics of the held-out images, then FID / KID of each variant's samples."""
+    extractor, inception, stats = reference_stats(s, reference_dir, s.out / "eval", "fid_reference", log_path)
     result = {**extractor, "reference": str(reference_dir), "num_reference": s.num_held_out}
     for variant in FID_VARIANTS:
         out = run_job(f"fid_{variant}", "evaluate", {

@@ -1,6 +1,6 @@
 """The embedded demo: the whole pipeline end to end on synthetic captioned scenes, on CPU, in minutes.
 
-    python -m jobs.demo [--out runs/demo] [--train-steps 2000] [--fresh]
+    python -m jobs.demo [--task t2i|sr] [--out runs/demo] [--train-steps 2000] [--fresh]
 
 Stages (each the project's real job, run as the command a user would type; jobs/demo/commands.py):
   generate     the captioned scenes (jobs.demo.scenes) and held-out images for FID
@@ -12,6 +12,9 @@ Stages (each the project's real job, run as the command a user would type; jobs/
   fid          FID / KID of the guided and unguided samples vs the held-out images (jobs.fid_stats, jobs.evaluate)
   adherence    caption adherence of every variant (jobs.demo.adherence)
   report       OUT/report.md with its plots (jobs.demo.report)
+--task sr (jobs/demo/sr.py) runs generate, ingest and autoencoder, then x4 super-resolution:
+  sr_latents, sr_ldm, sr_eval (PSNR / SSIM against the held-out images, and bicubic's), report-sr.md
+The tasks share the first three stages: a second task in the same --out reuses them.
 Each prints one line of what it did and how long it took; a failure names the stage and its log
 (OUT/logs/STAGE.log). A rerun reuses every finished stage whose settings (and upstream stages) are
 unchanged (jobs/demo/stages.py); --fresh redoes everything. The last line of output is one JSON
@@ -25,7 +28,7 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from jobs.demo import commands, evaluation
+from jobs.demo import commands, evaluation, sr
 from jobs.demo.report import write_report
 from jobs.demo.scenes import Scene, scene_for_index
 from jobs.demo.stages import Stage, StageFailed, StageRunner
@@ -70,12 +73,14 @@ def _settings(s: DemoSettings, *names: str) -> dict:
     return {name: getattr(s, name) for name in names}
 
 
-def build_stages(s: DemoSettings, prompts_file: Path) -> list[Stage]:
-    """The stages in order; `config` = the settings each one's output depends on."""
+def _experiment(name: str) -> str:
+    return (Path(__file__).parents[2] / "conf" / "experiment" / f"{name}.yaml").read_text()
+
+
+def shared_stages(s: DemoSettings) -> list[Stage]:
+    """generate, ingest, autoencoder: the first stages of every task; `config` = the settings each
+    one's output depends on."""
     out, data = s.out, ("num_images", "num_held_out", "seed")
-    experiments = {name: (Path(__file__).parents[2] / "conf" / "experiment" / f"{name}.yaml").read_text()
-                   for name in ("ae_demo", "demo")}
-    sampling = ("num_samples", "sample_steps", "guidance_scale", "guidance_t_max", "clip_x0", "seed")
     return [
         Stage("generate", _settings(s, *data), lambda log: commands.generate(s, log),
               lambda r: f"{r['num_images']} captioned scenes + {r['num_held_out']} held out, "
@@ -83,15 +88,23 @@ def build_stages(s: DemoSettings, prompts_file: Path) -> list[Stage]:
         Stage("ingest", _settings(s, "num_shards"), lambda log: commands.ingest(s, log),
               lambda r: f"img2dataset on Ray: {r['downloaded']} images in {r['shards']} shards "
                         f"({r['images_per_s']:.0f} img/s) -> {out / 'shards'}", [out / "shards"]),
-        Stage("autoencoder", {**_settings(s, "ae_steps", "ae_max_steps"), "experiment": experiments["ae_demo"]},
+        Stage("autoencoder", {**_settings(s, "ae_steps", "ae_max_steps"), "experiment": _experiment("ae_demo")},
               lambda log: commands.train_autoencoder(s, log),
               lambda r: f"debug-kl {r['step']} steps, held-out PSNR {r['eval']['psnr']:.1f} dB, "
                         f"scale factor {r['eval']['scale_factor']:.3f}, reconstructions keep the caption in "
                         f"{r['reconstruction_adherence']['all']:.3f} -> {r['export_dir']}", [out / "autoencoder"]),
+    ]
+
+
+def t2i_stages(s: DemoSettings, prompts_file: Path) -> list[Stage]:
+    """The text-to-image stages after the shared ones."""
+    out = s.out
+    sampling = ("num_samples", "sample_steps", "guidance_scale", "guidance_t_max", "clip_x0", "seed")
+    return [
         Stage("latents", {}, lambda log: commands.precompute(s, log),
               lambda r: f"Ray: {r['num_samples_total']} latents + tokens ({r['samples_per_s']:.0f} img/s) "
                         f"-> {out / 'latents'}", [out / "latents"]),
-        Stage("ldm", {**_settings(s, "train_steps"), "experiment": experiments["demo"]},
+        Stage("ldm", {**_settings(s, "train_steps"), "experiment": _experiment("demo")},
               lambda log: commands.train_ldm(s, log),
               lambda r: f"DeepSpeed, 2 ranks: {r['steps']} steps, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} "
                         f"({r['img_per_s']:.0f} img/s) -> {r['run_dir']}", [out / "ldm"]),
@@ -138,12 +151,17 @@ def headline(s: DemoSettings, results: dict, runner: StageRunner, report: Path) 
     }
 
 
-def run(s: DemoSettings, reuse: bool = True) -> dict:
+def run(s: DemoSettings, reuse: bool = True, task: str = "t2i") -> dict:
     s.out.mkdir(parents=True, exist_ok=True)
+    runner = StageRunner(s.out, reuse=reuse)
+    results = {stage.name: runner.run(stage) for stage in shared_stages(s)}
+    return TASKS[task](s, runner, results)
+
+
+def run_t2i(s: DemoSettings, runner: StageRunner, results: dict) -> dict:
     prompts_file = s.out / "prompts.txt"
     prompts_file.write_text("".join(scene.caption + "\n" for scene in prompt_scenes(s)))
-    runner = StageRunner(s.out, reuse=reuse)
-    results = {stage.name: runner.run(stage) for stage in build_stages(s, prompts_file)}
+    results |= {stage.name: runner.run(stage) for stage in t2i_stages(s, prompts_file)}
     check = adherence_check(results["adherence"])
     start = time.perf_counter()
     report = write_report(s.out, s, results, runner, check)
@@ -156,15 +174,33 @@ def run(s: DemoSettings, reuse: bool = True) -> dict:
     return result
 
 
-def parse_args(argv=None) -> tuple[DemoSettings, bool]:
+def run_sr(s: DemoSettings, runner: StageRunner, results: dict) -> dict:
+    results |= {stage.name: runner.run(stage) for stage in sr.stages(s)}
+    result = sr.headline(results)
+    start = time.perf_counter()
+    report = sr.write_report(s, results, runner, result)
+    runner.echo(f"[demo] {'report':<17} {report} ({time.perf_counter() - start:.1f} s)")
+    result |= {"stage_seconds": {name: round(runner.elapsed(name), 1) for name in results},
+               "stage_cpu_seconds": {name: round(runner.elapsed(name, "cpu_seconds"), 1) for name in results},
+               "stages_reused": runner.reused, "report": str(report)}
+    runner.echo(f"[demo] {'check':<17} {sr.verdict(result)}")
+    atomic_write_json(s.out / "metrics-sr.json", result)
+    return result
+
+
+TASKS = {"t2i": run_t2i, "sr": run_sr}
+
+
+def parse_args(argv=None) -> tuple[DemoSettings, bool, str]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=list(TASKS), default="t2i", help="which of the paper's tasks (default t2i)")
     for f in fields(DemoSettings):
         kind = next(t for t in (Path, int, float) if t in (f.type, *typing.get_args(f.type)))
         ap.add_argument("--" + f.name.replace("_", "-"), type=_nullable(kind), default=f.default)
     ap.add_argument("--fresh", action="store_true", help="redo every stage (default: reuse finished ones)")
     args = vars(ap.parse_args(argv))
-    fresh = args.pop("fresh")
-    return DemoSettings(**args), not fresh
+    fresh, task = args.pop("fresh"), args.pop("task")
+    return DemoSettings(**args), not fresh, task
 
 
 def _nullable(kind):
@@ -172,9 +208,9 @@ def _nullable(kind):
 
 
 def main(argv=None) -> None:
-    settings, reuse = parse_args(argv)
+    settings, reuse, task = parse_args(argv)
     try:
-        result = run(settings, reuse)
+        result = run(settings, reuse, task)
     except StageFailed as err:
         print(f"[demo] FAILED: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
