@@ -199,6 +199,14 @@ PRESETS: dict[str, LDMPreset] = {
     "debug-sr": LDMPreset(
         UNetConfig(7, 4, **DEBUG_UNET), "debug-vq", 16, _linear(0.0015, 0.0155),
         ConditionerConfig("concat", concat_channels=3)),
+    "debug-inpainting": LDMPreset(
+        UNetConfig(9, 4, **DEBUG_UNET), "debug-kl", 16, _linear(0.0015, 0.0205),
+        ConditionerConfig("concat", concat_channels=5), loss_type="l1", scale_factor=None),
+    # The CPU demo's inpainting (jobs.demo --task inpainting): 8x8x4 latents of 32 px scenes + the masked
+    # scene's latent and the mask at 8x8, the inpainting models' schedule and L1 loss.
+    "demo-inpainting": LDMPreset(
+        UNetConfig(9, 4, **DEBUG_UNET), "debug-kl", 8, _linear(0.0015, 0.0205),
+        ConditionerConfig("concat", concat_channels=5), loss_type="l1", scale_factor=None),
     # The CPU demo's x4 super-resolution (jobs.demo --task sr): 8x8x4 latents of 32 px scenes (debug-kl,
     # f=4) with the 8x8 low-res image concatenated, the SR models' schedule.
     "demo-sr": LDMPreset(

@@ -108,7 +108,7 @@ HEADLINE_KEYS = ("caption_adherence_guided", "caption_adherence_unguided", "capt
                  "fid_comparable_to_published", "adherence_by_attribute", "adherence_check", "stage_seconds",
                  "stage_cpu_seconds", "report")
 STAGES = ("generate", "ingest", "autoencoder", "latents", "ldm", "sample", "fid", "adherence")
-SHARED_STAGES, SR_STAGES = STAGES[:3], ("sr_latents", "sr_ldm", "sr_eval")
+SHARED_STAGES, SR_STAGES = STAGES[:3], ("image_latents", "sr_ldm", "sr_eval")
 SR_HEADLINE_KEYS = ("sr_psnr", "bicubic_psnr", "sr_ssim", "bicubic_ssim", "sr_fid", "autoencoder_psnr", "sr_check",
                     "stage_seconds", "report")
 SR_SECTIONS = ("Headline", "Stages", "Training curves", "Autoencoder reconstructions", "Super-resolution", "Settings")

@@ -326,3 +326,15 @@ def test_two_ranks_make_the_same_images_as_one(tmp_path, export):
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, name
     record = json.loads((tmp_path / "two" / "samples.json").read_text())
     assert [s["prompt"] for s in record["samples"]] == [p for p in PROMPTS for _ in range(2)]
+
+
+def test_a_mask_of_another_size_than_its_image_fails_naming_both_files_and_the_keys(tmp_path):
+    from jobs.sample.run import build_plan
+
+    for folder, size, mode in (("images", 64, "RGB"), ("masks", 32, "L")):
+        (tmp_path / folder).mkdir()
+        Image.new(mode, (size, size)).save(tmp_path / folder / "000001.png")
+    cfg = job_config(source=tmp_path, out_dir=tmp_path / "out", images=tmp_path / "images", masks=tmp_path / "masks")
+    with pytest.raises(ValueError, match=r"masks=.*masks': 000001.png is 32x32, its image 000001.png \(images=.*\) "
+                                         r"is 64x64: give each mask its image's size"):
+        build_plan(cfg)

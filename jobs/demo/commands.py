@@ -18,7 +18,7 @@ from PIL import Image
 from jobs.demo.adherence import adherence
 from jobs.demo.http_server import LoopbackServer
 from jobs.demo.scenes import scene_for_index, with_base_url, write_demo_dataset
-from jobs.demo.stages import StageFailed, last_json_line, run_logged
+from jobs.demo.stages import Stage, StageFailed, last_json_line, run_logged
 from jobs.distributed import free_port
 from pipeline.models.autoencoder import load_autoencoder
 
@@ -147,6 +147,23 @@ def precompute(s, log_path: Path) -> dict:
                  "batch_size": 64, "tokenizer.kind": "openclip", "tokenizer.max_length": 16,
                  "ray.num_cpus": 2, "ray.object_store_mb": 256}
     return run_job("latents", "precompute", overrides, s, log_path)
+
+
+IMAGE_LATENTS = "image_latents"  # OUT/image_latents: latents + each image, for the image-conditioned tasks
+
+
+def precompute_with_images(s, log_path: Path) -> dict:
+    """Latents + each 32 px image (KEY.image.png: SR's HR target, inpainting's image) on a local Ray."""
+    overrides = {"input_dir": s.out / "shards", "output_dir": s.out / IMAGE_LATENTS,
+                 "autoencoder": s.out / "autoencoder" / "autoencoder", "resolution": IMAGE_SIZE,
+                 "keep_images": True, "batch_size": 64, "ray.num_cpus": 2, "ray.object_store_mb": 256}
+    return run_job(IMAGE_LATENTS, "precompute", overrides, s, log_path)
+
+
+def image_latents_stage(s) -> Stage:
+    return Stage(IMAGE_LATENTS, {}, lambda log: precompute_with_images(s, log),
+                 lambda r: f"Ray: {r['num_samples_total']} latents + images ({r['samples_per_s']:.0f} img/s) "
+                           f"-> {s.out / IMAGE_LATENTS}", [s.out / IMAGE_LATENTS])
 
 
 def train_ldm(s, log_path: Path) -> dict:

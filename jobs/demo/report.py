@@ -132,7 +132,7 @@ def _throughput(name: str, r: dict, seconds: float) -> str:
              "autoencoder": lambda: f"{r.get('img_per_s') or 0:.0f} img/s (training)",
              "latents": lambda: f"{r['samples_per_s']:.0f} img/s (decode + encode)",
              "ldm": lambda: f"{r.get('img_per_s') or 0:.0f} img/s (training, 2 ranks)",
-             "sr_latents": lambda: f"{r['samples_per_s']:.0f} img/s (decode + encode)",
+             "image_latents": lambda: f"{r['samples_per_s']:.0f} img/s (decode + encode)",
              "sr_ldm": lambda: f"{r.get('img_per_s') or 0:.0f} img/s (training, 2 ranks)",
              "sample": lambda: f"{sum(v['num_samples'] for v in r.values()) / max(seconds, 1e-9):.1f} samples/s "
                                "(incl. start-up)"}

@@ -1,6 +1,6 @@
 """The embedded demo: the whole pipeline end to end on synthetic captioned scenes, on CPU, in minutes.
 
-    python -m jobs.demo [--task t2i|sr] [--out runs/demo] [--train-steps 2000] [--fresh]
+    python -m jobs.demo [--task t2i|sr|inpainting] [--out runs/demo] [--train-steps 2000] [--fresh]
 
 Stages (each the project's real job, run as the command a user would type; jobs/demo/commands.py):
   generate     the captioned scenes (jobs.demo.scenes) and held-out images for FID
@@ -13,8 +13,11 @@ Stages (each the project's real job, run as the command a user would type; jobs/
   adherence    caption adherence of every variant (jobs.demo.adherence)
   report       OUT/report.md with its plots (jobs.demo.report)
 --task sr (jobs/demo/sr.py) runs generate, ingest and autoencoder, then x4 super-resolution:
-  sr_latents, sr_ldm, sr_eval (PSNR / SSIM against the held-out images, and bicubic's), report-sr.md
-The tasks share the first three stages: a second task in the same --out reuses them.
+  image_latents, sr_ldm, sr_eval (PSNR / SSIM against the held-out images, and bicubic's), report-sr.md
+--task inpainting (jobs/demo/inpainting.py): the same, then inp_ldm and inp_eval (PSNR in a hole over
+  part of each held-out scene's shape, against a mean-colour fill), report-inpainting.md
+The tasks share the first three stages (sr and inpainting also image_latents): a second task in the
+same --out reuses them.
 Each prints one line of what it did and how long it took; a failure names the stage and its log
 (OUT/logs/STAGE.log). A rerun reuses every finished stage whose settings (and upstream stages) are
 unchanged (jobs/demo/stages.py); --fresh redoes everything. The last line of output is one JSON
@@ -26,9 +29,10 @@ import sys
 import time
 import typing
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 
-from jobs.demo import commands, evaluation, sr
+from jobs.demo import commands, evaluation, inpainting, sr
 from jobs.demo.report import write_report
 from jobs.demo.scenes import Scene, scene_for_index
 from jobs.demo.stages import Stage, StageFailed, StageRunner
@@ -174,21 +178,22 @@ def run_t2i(s: DemoSettings, runner: StageRunner, results: dict) -> dict:
     return result
 
 
-def run_sr(s: DemoSettings, runner: StageRunner, results: dict) -> dict:
-    results |= {stage.name: runner.run(stage) for stage in sr.stages(s)}
-    result = sr.headline(results)
+def run_image_task(task, s: DemoSettings, runner: StageRunner, results: dict) -> dict:
+    """An image-conditioned task (jobs/demo/sr.py, jobs/demo/inpainting.py): its stages, report and JSON."""
+    results |= {stage.name: runner.run(stage) for stage in task.stages(s)}
+    result = task.headline(results)
     start = time.perf_counter()
-    report = sr.write_report(s, results, runner, result)
+    report = task.write_report(s, results, runner, result)
     runner.echo(f"[demo] {'report':<17} {report} ({time.perf_counter() - start:.1f} s)")
     result |= {"stage_seconds": {name: round(runner.elapsed(name), 1) for name in results},
                "stage_cpu_seconds": {name: round(runner.elapsed(name, "cpu_seconds"), 1) for name in results},
                "stages_reused": runner.reused, "report": str(report)}
-    runner.echo(f"[demo] {'check':<17} {sr.verdict(result)}")
-    atomic_write_json(s.out / "metrics-sr.json", result)
+    runner.echo(f"[demo] {'check':<17} {task.verdict(result)}")
+    atomic_write_json(s.out / f"metrics-{result['task']}.json", result)
     return result
 
 
-TASKS = {"t2i": run_t2i, "sr": run_sr}
+TASKS = {"t2i": run_t2i, "sr": partial(run_image_task, sr), "inpainting": partial(run_image_task, inpainting)}
 
 
 def parse_args(argv=None) -> tuple[DemoSettings, bool, str]:

@@ -2,7 +2,8 @@
 
 After the shared stages (generate, ingest, autoencoder: the same as the text-to-image demo's, so a run
 in the same --out reuses them), three more, each the project's real job:
-  sr_latents   jobs.precompute keep_images=true: latents + each 32 px image (the HR target) on Ray
+  image_latents  jobs.precompute keep_images=true: latents + each 32 px image (the HR target) on Ray
+               (shared with --task inpainting)
   sr_ldm       torchrun -m jobs.train experiment=demo-sr: the loader makes each image's 8x8 bicubic
                low-res input per (seed, epoch, sample), concatenated to the 8x8x4 latent
   sr_eval      jobs.fid_stats + jobs.evaluate hr_images=<held-out> degradation=bicubic (Tab. 5's protocol):
@@ -16,7 +17,8 @@ from pathlib import Path
 from PIL import Image
 
 from jobs.demo import report
-from jobs.demo.commands import IMAGE_SIZE, JOB_ENV, NUM_RANKS, job_args, launcher, metrics_summary, run_job, _steps
+from jobs.demo.commands import (IMAGE_LATENTS, IMAGE_SIZE, JOB_ENV, NUM_RANKS, image_latents_stage, job_args,
+                                launcher, metrics_summary, run_job, _steps)
 from jobs.demo.evaluation import reference_stats
 from jobs.demo.scenes import scene_for_index
 from jobs.demo.stages import Stage, run_logged
@@ -30,16 +32,9 @@ def folder(s) -> Path:
     return s.out / "sr"
 
 
-def precompute(s, log_path: Path) -> dict:
-    overrides = {"input_dir": s.out / "shards", "output_dir": folder(s) / "latents",
-                 "autoencoder": s.out / "autoencoder" / "autoencoder", "resolution": IMAGE_SIZE,
-                 "keep_images": True, "batch_size": 64, "ray.num_cpus": 2, "ray.object_store_mb": 256}
-    return run_job("sr_latents", "precompute", overrides, s, log_path)
-
-
 def train(s, log_path: Path) -> dict:
     run_dir = folder(s) / "ldm"
-    overrides = {"experiment": EXPERIMENT, "data.path": folder(s) / "latents", "run_dir": run_dir,
+    overrides = {"experiment": EXPERIMENT, "data.path": s.out / IMAGE_LATENTS, "run_dir": run_dir,
                  "trainer.sample_autoencoder": s.out / "autoencoder" / "autoencoder", "logger.progress_bar": False,
                  "data.seed": s.seed, **_steps(s.train_steps)}
     run_logged("sr_ldm", [*launcher(NUM_RANKS), *job_args("train", overrides, s.out / "hydra" / "sr_ldm")],
@@ -67,9 +62,7 @@ def evaluate(s, log_path: Path) -> dict:
 def stages(s) -> list[Stage]:
     experiment = (Path(__file__).parents[2] / "conf" / "experiment" / f"{EXPERIMENT}.yaml").read_text()
     return [
-        Stage("sr_latents", {}, lambda log: precompute(s, log),
-              lambda r: f"Ray: {r['num_samples_total']} latents + HR images ({r['samples_per_s']:.0f} img/s) "
-                        f"-> {folder(s) / 'latents'}", [folder(s) / "latents"]),
+        image_latents_stage(s),
         Stage("sr_ldm", {"train_steps": s.train_steps, "experiment": experiment}, lambda log: train(s, log),
               lambda r: f"DeepSpeed, 2 ranks: {r['steps']} steps, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} "
                         f"({r['img_per_s']:.0f} img/s) -> {r['run_dir']}", [folder(s) / "ldm"]),

@@ -130,17 +130,23 @@ def _context_pair(bundle, inputs_B, tau) -> tuple[dict, dict]:
             {"context": conditioner(conditioner.null_condition(inputs_B.shape[0]))})
 
 
+def inpainting_concat(autoencoder, latent_channels: int, images: Tensor, masks: Tensor) -> Tensor:
+    """c = [first-stage latent of the masked image, mask on the latent grid] [B, latent_channels + 1, h, w]
+    from images [B, 3, H, W] in [-1, 1] and masks [B, 1, H, W] (1 = fill); sampling and training alike."""
+    fill = masks > 0.5
+    masked = torch.where(fill, torch.full_like(images, -1.0), images)  # filled pixels black, as CompVis
+    encoded = autoencoder.encode_moments(masked)[:, :latent_channels]  # KL: posterior mean; VQ: pre-quantisation
+    mask_lat = F.interpolate(fill.float() * 2 - 1, size=tuple(encoded.shape[-2:]), mode="nearest")
+    return torch.cat([encoded, mask_lat.to(encoded.dtype)], dim=1)
+
+
 def _inpainting_concat(bundle, images: Tensor, masks: Tensor, latent_hw: tuple[int, int]) -> Tensor:
     if bundle.autoencoder is None:
         raise ValueError("inpainting encodes the masked image with the first stage, but the model has no "
                          "autoencoder: pass autoencoder=<folder or spec>")
-    fill = masks > 0.5
-    masked = torch.where(fill, torch.full_like(images, -1.0), images)  # filled pixels black, as CompVis
-    moments = bundle.autoencoder.encode_moments(masked)
-    encoded = moments[:, :bundle.latent_shape[0]]  # KL: posterior mean; VQ: pre-quantisation latent
-    assert tuple(encoded.shape[-2:]) == latent_hw, "the image size sets the latent size when inpainting"
-    mask_lat = F.interpolate(fill.float() * 2 - 1, size=latent_hw, mode="nearest")
-    return torch.cat([encoded, mask_lat], dim=1)
+    c = inpainting_concat(bundle.autoencoder, bundle.latent_shape[0], images, masks)
+    assert tuple(c.shape[-2:]) == latent_hw, "the image size sets the latent size when inpainting"
+    return c
 
 
 def _concat_pair(bundle, conditions: Conditions, latent_hw: tuple[int, int], device) -> tuple[dict, dict]:

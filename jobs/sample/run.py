@@ -122,6 +122,10 @@ def build_plan(cfg: SampleConfig) -> SamplePlan:
             if len(masks) != len(files):
                 raise ValueError(f"{len(masks)} masks for {len(files)} images: give one mask per image")
             plan.masks, plan.mask_labels = _load_images(masks, "L", "masks"), [str(f) for f in masks]
+            if plan.masks.shape[2:] != plan.values.shape[2:]:
+                (mh, mw), (h, w) = plan.masks.shape[2:], plan.values.shape[2:]
+                raise ValueError(f"masks={cfg.masks!r}: {masks[0].name} is {mw}x{mh}, its image {files[0].name} "
+                                 f"(images={cfg.images!r}) is {w}x{h}: give each mask its image's size")
         return plan
     if cfg.num_samples is None:
         raise ValueError("nothing to condition on: pass prompts / prompt_file / class_ids / images, or "

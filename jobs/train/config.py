@@ -38,6 +38,10 @@ class ModelConfig:
     # latents' manifest at start-up (pipeline.models.text_encoder identity), so checkpoints name what a sampler
     # must rebuild. Set by hand (+model.text_encoder.sha256=...), latents of another encoder are refused.
     text_encoder: dict = field(default_factory=dict)
+    # Inpainting (data.condition=inpainting) encodes each masked image with the frozen first stage in the
+    # training step: a pipeline.models.autoencoder spec; None: the one the latents' manifest names. Either
+    # must be the autoencoder that made the latents (its sha256 is checked against the manifest's).
+    first_stage: str | None = None
 
     def __post_init__(self):
         _check([(self.preset in PRESETS, f"model.preset={self.preset!r}: choose one of {sorted(PRESETS)}"),
@@ -136,6 +140,9 @@ class TrainConfig:
                 (data.condition is None or kind == "concat",
                  f"data.condition={data.condition!r} is concatenated to z_t, {preset} has a {kind!r} conditioner: "
                  f"choose a concat preset (ldm-vq4-sr, debug-sr) or set data.condition=null"),
+                (self.model.first_stage is None or data.condition == "inpainting",
+                 f"model.first_stage={self.model.first_stage!r} is the encoder of inpainting's masked images; "
+                 f"data.condition={data.condition!r} does not use it: unset model.first_stage"),
                 (kind != "text" or data.use_tokens or data.use_context,
                  "the preset's text transformer reads token ids: set data.use_tokens=true (latents precomputed "
                  "with a tokenizer), or data.use_context=true model.train_text_encoder=false (latents precomputed "

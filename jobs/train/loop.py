@@ -163,10 +163,9 @@ def setup(cfg: TrainConfig) -> Job:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     loader = LatentLoader(cfg.data, rank=dist_info.rank, world_size=dist_info.world_size)
     _check_data(cfg, loader)
-    if cfg.data.use_context:
-        models = build_models(cfg, dist_info.device, null_context_LD=loader.null_context())
-    else:
-        models = build_models(cfg, dist_info.device)
+    first_stage = load_first_stage(cfg, loader.manifest["encoder"]) if cfg.data.condition == "inpainting" else None
+    null_context = loader.null_context() if cfg.data.use_context else None
+    models = build_models(cfg, dist_info.device, null_context_LD=null_context, first_stage=first_stage)
     engine = build_engine(cfg, models.module, dist_info.world_size)
     ema = TrainEMA(engine.module, cfg.trainer.ema_decay)
     run_dir = Path(cfg.run_dir)
@@ -210,7 +209,14 @@ def _check_data(cfg: TrainConfig, loader: LatentLoader) -> None:
                          f"with that tokenizer max_length or choose a matching preset")
     if cfg.data.use_context:
         _record_text_encoder(cfg, loader.manifest["text_encoder"])
-    if cfg.data.condition:
+    if cfg.data.condition == "inpainting":
+        channels = preset.unet.out_channels + 1
+        if preset.conditioner.concat_channels != channels:
+            raise ValueError(f"data.condition='inpainting' concatenates the masked image's latent and the mask "
+                             f"({channels} channels); model.preset={cfg.model.preset!r} concatenates "
+                             f"{preset.conditioner.concat_channels}: choose an inpainting preset "
+                             f"(ldm-vq4-inpainting, ldm-vq4-inpainting-big, demo-inpainting)")
+    elif cfg.data.condition:
         side = loader.manifest["resolution"] // SCALE
         if side != preset.latent_size or preset.conditioner.concat_channels != 3:
             raise ValueError(f"data.condition={cfg.data.condition!r} makes {side}x{side} RGB images from the "
@@ -222,6 +228,26 @@ def _check_data(cfg: TrainConfig, loader: LatentLoader) -> None:
         raise ValueError(f"data.classes_file={cfg.data.classes_file!r} names {len(loader.classes)} classes, "
                          f"model.preset={cfg.model.preset!r} has {preset.conditioner.num_classes}: choose a preset "
                          f"with enough classes")
+
+
+def load_first_stage(cfg: TrainConfig, encoder: dict) -> torch.nn.Module:
+    """The frozen autoencoder that made the latents (manifest["encoder"]): model.first_stage when set,
+    else the source the manifest names; refused unless its weights are the ones that made them."""
+    from pipeline.models.autoencoder import load_autoencoder
+
+    kind, _, where = encoder["source"].partition(":")
+    spec, preset = (where.rsplit(":", 1) if kind == "compvis" else (where, None))
+    spec = cfg.model.first_stage or spec
+    try:
+        model, _, identity = load_autoencoder(spec, preset if not cfg.model.first_stage else None)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"inpainting encodes masked images with the latents' first stage, which did not load "
+                         f"from {spec!r} ({err}): set model.first_stage=<its folder or spec>") from err
+    if identity["sha256"] != encoder["sha256"]:
+        raise ValueError(f"model.first_stage {spec!r} has weights sha256 {identity['sha256'][:12]}..., the latents in "
+                         f"{cfg.data.path} were made with {encoder['sha256'][:12]}... ({encoder['source']}): set "
+                         f"model.first_stage to the autoencoder that made them")
+    return model
 
 
 def _record_text_encoder(cfg: TrainConfig, text_encoder: dict) -> None:

@@ -16,7 +16,6 @@ from jobs.train.config import TrainConfig
 from jobs.train.ema import TrainEMA
 from jobs.sample.conditions import unet_with_conditions
 from jobs.train.setup import Models, TrainModule, autocast, null_input
-from ldm.diffusion.conditioners import CONCAT_CONDITIONERS
 from ldm.diffusion.guidance import classifier_free_guidance
 from ldm.diffusion.samplers import sample_ddim
 from ldm.diffusion.unet import UNet
@@ -35,7 +34,7 @@ class Sampler:
 def build_sampler(cfg: TrainConfig, models: Models, scale_factor: float, device: torch.device) -> Sampler:
     """Rank 0's sampling copy of the trainable modules, and the first stage's decoder if configured."""
     preset = models.preset
-    conditioner = build_conditioner(preset.conditioner) if models.frozen_conditioner is None else None
+    conditioner = build_conditioner(preset.conditioner) if models.module.conditioner is not None else None
     module = TrainModule(UNet(preset.unet), conditioner).to(device).eval().requires_grad_(False)
     decoder = None
     if cfg.trainer.sample_autoencoder:
@@ -65,7 +64,11 @@ def sample_grid(cfg: TrainConfig, models: Models, ema: TrainEMA, sampler: Sample
                           objective=cfg.model.objective or preset.objective)
     images = _to_images(sampler, z_0.float())
     if cfg.condition_key == "concat":  # condition | sample, pair by pair
-        shown = F.interpolate(tokens_BL[:num, :3].to(images), size=images.shape[-2:], mode="nearest")
+        y = tokens_BL[:num].to(images)
+        shown = F.interpolate(y[:, :3], size=images.shape[-2:], mode="nearest")
+        if y.shape[1] == 4:  # inpainting: the masked image | the composite (1 - m) x + m x_hat (Sec. 4.5)
+            fill = F.interpolate(y[:, 3:], size=images.shape[-2:], mode="nearest") > 0.5
+            shown, images = torch.where(fill, -1.0, shown), torch.where(fill, images, shown)
         images = torch.stack([shown, images], dim=1).flatten(0, 1)
     return images
 
@@ -76,7 +79,7 @@ def _guided_model(cfg: TrainConfig, models: Models, sampler: Sampler, tokens_BL:
         return lambda x_t, t_B: unet(x_t, t_B)
     tokens_BL = tokens_BL[:num].to(next(sampler.module.parameters()).device)
     encoder = models.frozen_conditioner or sampler.module.conditioner
-    key = "concat" if isinstance(encoder, CONCAT_CONDITIONERS) else "context"
+    key = "concat" if cfg.condition_key == "concat" else "context"
     cond, uncond = {key: encoder(tokens_BL)}, {key: encoder(null_input(encoder, tokens_BL))}
     return classifier_free_guidance(unet_with_conditions(unet), cond, uncond, cfg.trainer.guidance_scale)
 

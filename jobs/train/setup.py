@@ -63,10 +63,29 @@ class StoredContext(nn.Module):
         return self.null_context_LD.expand(batch_size, -1, -1)
 
 
+class InpaintingCondition(nn.Module):
+    """The frozen half of inpainting's tau (Sec. 4.5): y = [image, mask] [B, 4, H, W] from the loader ->
+    [first-stage latent of the masked image, mask on the latent grid] [B, C + 1, h, w], which the
+    engine's ConcatConditioner joins to z_t. The first stage is the one that made the latents."""
+
+    def __init__(self, first_stage: nn.Module, latent_channels: int):
+        super().__init__()
+        self.first_stage = first_stage.requires_grad_(False).eval()
+        self.latent_channels = latent_channels
+
+    def forward(self, y_B4HW: torch.Tensor) -> torch.Tensor:
+        from jobs.sample.conditions import inpainting_concat
+
+        return inpainting_concat(self.first_stage, self.latent_channels, y_B4HW[:, :3], y_B4HW[:, 3:])
+
+    def null_like(self, y_B4HW: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(y_B4HW)
+
+
 def null_input(encoder: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """The empty condition in place of a batch of inputs y: zeros of y's shape for a concat
-    conditioner (it has no shape-free one), else the conditioner's null_condition."""
-    return encoder.null_like(y) if isinstance(encoder, CONCAT_CONDITIONERS) else encoder.null_condition(len(y))
+    """The empty condition in place of a batch of inputs y: zeros of y's shape for a spatial condition
+    (it has no shape-free one), else the conditioner's null_condition."""
+    return encoder.null_like(y) if hasattr(encoder, "null_like") else encoder.null_condition(len(y))
 
 
 @dataclass
@@ -77,8 +96,10 @@ class Models:
     schedule: NoiseSchedule
 
 
-def build_models(cfg: TrainConfig, device: torch.device, null_context_LD: torch.Tensor | None = None) -> Models:
-    """The preset's UNet and conditioner (the first stage is not needed: we train on latents).
+def build_models(cfg: TrainConfig, device: torch.device, null_context_LD: torch.Tensor | None = None,
+                 first_stage: nn.Module | None = None) -> Models:
+    """The preset's UNet and conditioner (the first stage is only needed to encode inpainting's masked
+    images, `first_stage`: we train on latents).
 
     With data.use_context the preset's text encoder is not built: the latents hold a frozen text
     encoder's output, and `null_context_LD` (that encoder's context of "") is the empty condition.
@@ -86,7 +107,10 @@ def build_models(cfg: TrainConfig, device: torch.device, null_context_LD: torch.
     preset = PRESETS[cfg.model.preset]
     unet, conditioner = UNet(preset.unet), build_conditioner(preset.conditioner)
     frozen = None
-    if cfg.data.use_context:
+    if cfg.data.condition == "inpainting":
+        assert first_stage is not None, "inpainting encodes masked images with the first stage"
+        frozen = InpaintingCondition(first_stage, preset.unet.out_channels).to(device)
+    elif cfg.data.use_context:
         assert null_context_LD is not None, "the stored context needs its null condition"
         frozen, conditioner = StoredContext(null_context_LD).to(device), None
     elif conditioner is not None and not cfg.model.train_text_encoder:

@@ -6,6 +6,10 @@ it reads and returns float32 [C, h, w] in [-1, 1], concatenated with z_t in the 
 
   sr-bicubic   KEY.image.png (the HR crop) -> its anti-aliased bicubic x4 downsampling (Tab. 5)
   sr-bsr       KEY.image.png -> the light BSR degradation x4 (LDM-BSR, App. D.6.1)
+  inpainting   KEY.image.png -> [image, mask] [4, H, W]: the image and a LaMa mask of setting `masks`
+               (pipeline.conditions.masks; 1 = fill), at image size: the training step encodes the
+               masked image with the frozen first stage on the device (Sec. 4.5), as CompVis' model
+               does, so a mask redrawn each epoch costs no stored latent
 """
 import io
 
@@ -13,9 +17,10 @@ import numpy as np
 from PIL import Image
 
 from pipeline.conditions.degradations import degrade
+from pipeline.conditions.masks import make_mask
 
-CONDITIONS = ("sr-bicubic", "sr-bsr")
-CONDITION_FILES = {"sr-bicubic": ("image.png",), "sr-bsr": ("image.png",)}
+CONDITIONS = ("sr-bicubic", "sr-bsr", "inpainting")
+CONDITION_FILES = {"sr-bicubic": ("image.png",), "sr-bsr": ("image.png",), "inpainting": ("image.png",)}
 _STREAM = 0x5E_ED  # keeps the condition's random stream apart from the loader's other draws
 
 
@@ -31,9 +36,15 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
         raise ValueError(f"{where}: KEY.image.png does not decode ({err}); rerun jobs.precompute") from err
 
 
-def make_condition(kind: str, files: dict[str, bytes], rng: np.random.Generator, where: str) -> np.ndarray:
-    """The concat condition [C, h, w] float32 in [-1, 1] of one sample."""
+def make_condition(kind: str, files: dict[str, bytes], rng: np.random.Generator, where: str,
+                   masks: str = "train-256") -> np.ndarray:
+    """The condition [C, h, w] float32 of one sample: images in [-1, 1], an inpainting mask in {0, 1}."""
+    image = decode_image(files["image.png"], where)
     if kind in ("sr-bicubic", "sr-bsr"):
-        low_res = degrade(decode_image(files["image.png"], where), kind.removeprefix("sr-"), rng)
+        low_res = degrade(image, kind.removeprefix("sr-"), rng)
         return low_res.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+    if kind == "inpainting":
+        mask = make_mask(masks, *image.shape[:2], rng)
+        return np.concatenate([image.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0,
+                               mask[None].astype(np.float32)])
     raise ValueError(f"data.condition={kind!r}: use one of {CONDITIONS}")

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.conditions import CONDITION_FILES, CONDITIONS, condition_rng, make_condition
+from pipeline.conditions.masks import MASK_SETTINGS
 from pipeline.latents.manifest import check_compatible, missing_context_message
 from pipeline.latents.reader import (
     EpochOrder,
@@ -61,7 +62,8 @@ class LatentDataConfig:
     use_context: bool = False          # batch["context"] from KEY.context.npy (frozen text encoder)
     label_key: str | None = None       # batch["label"] from this key of KEY.json (class-conditional models)
     classes_file: str | None = None    # or batch["label"] = line of the caption in this classes.txt
-    condition: str | None = None       # batch["concat"]: sr-bicubic | sr-bsr (pipeline.conditions)
+    condition: str | None = None       # batch["concat"]: sr-bicubic | sr-bsr | inpainting (pipeline.conditions)
+    masks: str = "train-256"           # inpainting: the mask setting (pipeline.conditions.masks.MASK_SETTINGS)
     scale_factor: float | None = None  # None: the manifest's (App. G)
     prefetch_factor: int = 2           # batches each worker keeps ready
     pin_memory: bool = False
@@ -79,7 +81,8 @@ class LatentDataConfig:
                    f"data.label_key={self.label_key!r} and data.classes_file={self.classes_file!r} are both set: set "
                    "one to null (label_key reads labels from the metadata, classes_file from the captions)"),
                   (self.condition in (None, *CONDITIONS),
-                   f"data.condition={self.condition!r}: use null or one of {CONDITIONS}")]
+                   f"data.condition={self.condition!r}: use null or one of {CONDITIONS}"),
+                  (self.masks in MASK_SETTINGS, f"data.masks={self.masks!r}: use one of {sorted(MASK_SETTINGS)}")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -181,7 +184,7 @@ class LatentBatches(IterableDataset):
             out["label"] = self.label(files, out["caption"], f"{reader.names[shard]}: sample {key!r}")
         if self.cfg.condition:
             out["concat"] = make_condition(self.cfg.condition, files, condition_rng(self.cfg.seed, epoch, sample_id),
-                                           f"{reader.names[shard]}: sample {key!r}")
+                                           f"{reader.names[shard]}: sample {key!r}", self.cfg.masks)
         return out
 
     def label(self, files: dict[str, bytes], caption: str, where: str) -> int:
