@@ -4,7 +4,9 @@ import json
 import os
 import socket
 import subprocess
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +47,9 @@ def _tail(path: Path, chars: int = 1500) -> str:
 
 @pytest.fixture(scope="module")
 def two_node_cluster(tmp_path_factory):
-    port, temp = _free_port(), tmp_path_factory.mktemp("ray")
+    # A short folder: Ray's socket paths under it must stay within AF_UNIX's 107 bytes, which pytest's
+    # tmp path plus Ray's session and socket names exceeded in a fresh CI run.
+    port, temp = _free_port(), Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     common = ["--num-cpus", "1", "--object-store-memory", str(100 * 1024 ** 2), "--block", "--disable-usage-stats"]
     procs = [subprocess.Popen(["ray", "start", "--head", "--port", str(port), "--include-dashboard=false",
                                "--temp-dir", str(temp), *common], env=RAY_ENV,
@@ -78,6 +82,7 @@ def two_node_cluster(tmp_path_factory):
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ingest_job_spreads_shards_over_both_nodes(two_node_cluster, tmp_path):
