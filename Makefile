@@ -45,10 +45,11 @@ demo: install
 # taking whole files (module fixtures such as a SLURM cluster start once per file), the files that
 # start Ray clusters all on one worker (tests/conftest.py, RAY_FILES): most tests run one thread or
 # wait on a subprocess's start, so two at a time use 2 cores better than one (measured 15.3 against
-# 18.7 minutes on 2 cores). TEST_WORKERS=0 runs them in this process.
+# 18.7 minutes on 2 cores). TEST_WORKERS=0 runs them in this process. --durations: the slowest
+# tests in every CI log, to keep the suite inside its time.
 TEST_WORKERS ?= 2
 test: install install-slurm
-	$(RUN) $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(RUN) $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 bench-cpu: install
 	$(RUN) $(PYTHON) bench/unet_step.py

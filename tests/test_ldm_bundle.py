@@ -134,8 +134,8 @@ def test_frozen_text_encoder_is_rebuilt_exactly(tmp_path, monkeypatch):
     built = {}
     real_build_models = jobs.train.loop.build_models
 
-    def recording_build_models(cfg, device):
-        built["models"] = real_build_models(cfg, device)
+    def recording_build_models(cfg, device, **kwargs):
+        built["models"] = real_build_models(cfg, device, **kwargs)
         return built["models"]
 
     monkeypatch.setattr(jobs.train.loop, "build_models", recording_build_models)
