@@ -288,3 +288,18 @@ def png_bytes(image_HW3: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image_HW3).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def write_lpips_files(out_dir: Path) -> tuple[Path, Path]:
+    """Random LPIPS weights in the real files' layouts: torchvision VGG16 keys and v0.1 heads
+    (made non-negative, as learned heads are, so that the distance is one)."""
+    from ldm.autoencoder.lpips import LPIPS
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    lpips = LPIPS()
+    vgg = {f"features.{k.split('.', 1)[1]}": v for k, v in lpips.net.state_dict().items()}
+    heads = {k: v.abs() for k, v in lpips.state_dict().items() if k.startswith("lin")}
+    torch.save(vgg, out_dir / "vgg16.pth")
+    torch.save(heads, out_dir / "heads.pth")
+    return out_dir / "vgg16.pth", out_dir / "heads.pth"

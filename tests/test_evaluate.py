@@ -90,7 +90,7 @@ def eval_overrides(data: dict, stats: Path, out_dir: Path, **extra) -> list[str]
               "inception.allow_download": False, "inception.batch_size": 20, "logger": "disabled",
               "metrics.kid_subsets": 20} | extra
     if "source" not in values:
-        values["images"] = data["fake"]
+        values.setdefault("images", data["fake"])
     return [f"{key}={value}" for key, value in values.items()]
 
 
@@ -420,3 +420,133 @@ def test_super_resolution_protocol_refuses_bad_input(data, small_stats, tmp_path
             data, small_stats, tmp_path / "e2", source=source, hr_images=odd, **{"metrics.isc_splits": 2})))
     with pytest.raises(ValueError, match="degradation='jpeg'"):
         make_config("evaluate", EvaluateConfig, ["reference_stats=x", "source=s", "hr_images=h", "degradation=jpeg"])
+
+
+# ---------------------------------------------------------------------------------------------- inpainting
+
+
+def _inpainting_set(root: Path, count: int = 8) -> tuple[Path, Path]:
+    """`count` 32 px scenes and a mask per scene: the even ones cover 45 % (LaMa's 40-50 % bin:
+    rows 0..13 and 4 of 32 columns of row 14, 464 of 1024 pixels), the odd ones 25 %."""
+    images, masks = root / "truth", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir()
+    for i in range(count):
+        (images / f"{i:04d}.png").write_bytes(png_bytes(scene(i, 2, grain=0)))
+        mask = np.zeros((SIZE, SIZE), np.uint8)
+        if i % 2 == 0:
+            mask[:14] = 255
+            mask[14, :16] = 255
+        else:
+            mask[8:24, 8:24] = 255
+        Image.fromarray(mask).save(masks / f"{i:04d}.png")
+    return images, masks
+
+
+@pytest.fixture(scope="module")
+def inpainting_model(tmp_path_factory) -> dict[str, Path]:
+    from factories import write_lpips_files
+
+    root = tmp_path_factory.mktemp("inpainting")
+    vgg, heads = write_lpips_files(root / "lpips")
+    images, masks = _inpainting_set(root)
+    return {"source": save_ldm(tiny_bundle("debug-inpainting"), root / "ldm"), "vgg": vgg, "heads": heads,
+            "images": images, "masks": masks}
+
+
+def inpainting_overrides(data: dict, model: dict, out_dir: Path, **extra) -> list[str]:
+    values = {"source": model["source"], "inpaint_images": model["images"], "lpips_vgg_path": model["vgg"],
+              "lpips_heads_path": model["heads"], "sampling.num_steps": 2, "metrics.isc_splits": 2,
+              "metrics.prc": False} | extra
+    return [o for o in eval_overrides(data, None, out_dir, **values) if not o.startswith("reference_stats=")]
+
+
+def test_inpainting_protocol_scores_composites_against_their_originals(data, inpainting_model, tmp_path):
+    """Tab. 7 as LaMa's evaluator does it: FID of the composites against their own originals, over all
+    images and over the 40-50 % bin, and LPIPS of each composite against its original."""
+    from pipeline.models.weights import load_lpips
+
+    m = inpainting_model
+    out = tmp_path / "eval"
+    summary = evaluate(make_config("evaluate", EvaluateConfig, inpainting_overrides(
+        data, m, out, masks=m["masks"], save_images=True)))
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["inpainting"]["masks"] == str(m["masks"].resolve()) and summary["num_samples"] == 8
+    assert summary["num_samples_40_50"] == 4 and summary["mean_hole_fraction"] == pytest.approx((464 + 256) / 2048)
+    # The output is composited: outside the hole every pixel is the original's.
+    lpips = load_lpips(str(m["vgg"]), str(m["heads"]))
+    distances = []
+    for i in range(8):
+        truth = np.asarray(Image.open(m["images"] / f"{i:04d}.png").convert("RGB"))
+        filled = np.asarray(Image.open(out / "samples" / f"{i:06d}.png").convert("RGB"))
+        hole = np.asarray(Image.open(m["masks"] / f"{i:04d}.png")) > 127
+        np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / f"{i:06d}.png")) > 127, hole)
+        np.testing.assert_array_equal(filled[~hole], truth[~hole])
+        assert (filled[hole] != truth[hole]).any()  # and the hole is the model's
+        pair = [torch.from_numpy(x.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1 for x in (filled, truth)]
+        distances.append(float(lpips(*pair)[0]))
+    assert summary["lpips"] == pytest.approx(np.mean(distances), rel=1e-4)
+    assert summary["lpips_40_50"] == pytest.approx(np.mean(distances[::2]), rel=1e-4)
+    # FID against the originals: what evaluating the saved composites against the originals' statistics
+    # gives, for all images and for the even (40-50 %) ones.
+    for subset, key in ((range(8), "frechet_inception_distance"), (range(0, 8, 2), "frechet_inception_distance_40_50")):
+        (tmp_path / key / "truth").mkdir(parents=True)
+        (tmp_path / key / "filled").mkdir()
+        for i in subset:
+            (tmp_path / key / "truth" / f"{i:04d}.png").write_bytes((m["images"] / f"{i:04d}.png").read_bytes())
+            (tmp_path / key / "filled" / f"{i:04d}.png").write_bytes((out / "samples" / f"{i:06d}.png").read_bytes())
+        stats = tmp_path / key / "truth.stats"
+        fid_stats(make_config("fid_stats", FidStatsConfig, stats_overrides(data, tmp_path / key / "truth", stats)))
+        plain = evaluate(make_config("evaluate", EvaluateConfig, eval_overrides(
+            data, stats, tmp_path / key / "eval", images=tmp_path / key / "filled",
+            **{"metrics.isc_splits": 2, "metrics.prc": False})))
+        assert summary[key] == pytest.approx(plain["frechet_inception_distance"], rel=1e-3), key
+
+
+def test_inpainting_masks_are_lamas_eval_masks_and_ranks_do_not_change_the_scores(data, inpainting_model, tmp_path):
+    from jobs.evaluate import inpainting
+    from pipeline.conditions.masks import eval_mask
+
+    m = inpainting_model
+    cfg = make_config("evaluate", EvaluateConfig, inpainting_overrides(
+        data, m, tmp_path / "eval", mask_setting="train-32", lpips=False, save_images=True))
+    summary = evaluate(cfg)
+    assert "lpips" not in summary and "frechet_inception_distance" in summary
+    for i in range(8):
+        drawn = eval_mask("train-32", SIZE, SIZE, condition_rng(cfg.seed, 0, i))
+        assert drawn.mean() <= 0.5
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "eval" / "masks" / f"{i:06d}.png")) > 127,
+                                      drawn.astype(bool))
+    bundle = load_ldm(str(m["source"]), "ema", None)
+
+    def slice_scores(rank: int, world_size: int) -> list:
+        scores: list = []
+        info = DistInfo(rank, world_size, 0, torch.device("cpu"), None)
+        features = [(i, x.float().mean().item()) for i, x in inpainting.inpainting_slice(bundle, cfg, info, None,
+                                                                                           scores)]
+        return sorted((i, s["hole_fraction"], s["bin"], f) for (i, s), (_, f) in zip(sorted(scores), sorted(features)))
+    split = sorted(slice_scores(0, 2) + slice_scores(1, 2))
+    whole = slice_scores(0, 1)
+    assert [row[:3] for row in split] == [row[:3] for row in whole]
+    assert [row[3] for row in split] == pytest.approx([row[3] for row in whole], abs=0.5)  # mean uint8 value
+
+
+def test_inpainting_protocol_refuses_bad_input(data, inpainting_model, tmp_path):
+    m = inpainting_model
+    small = tmp_path / "small_masks"
+    small.mkdir()
+    for i in range(8):
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(small / f"{i:04d}.png")
+    with pytest.raises(ValueError, match=r"0000.png is 16x16 but its image 0000.png is 32x32"):
+        evaluate(make_config("evaluate", EvaluateConfig, inpainting_overrides(data, m, tmp_path / "e", masks=small)))
+    with pytest.raises(ValueError, match="lpips_vgg_path=.*or set lpips=false"):
+        evaluate(make_config("evaluate", EvaluateConfig, inpainting_overrides(
+            data, m, tmp_path / "e2", lpips_vgg_path=tmp_path / "missing.pth")))
+    assert not (tmp_path / "e2").exists()  # refused before any sample
+    for overrides, message in [(["reference_stats=x"], "drop reference_stats"),
+                               (["hr_images=h"], "two protocols"),
+                               (["mask_setting=wide"], "mask_setting='wide'")]:
+        with pytest.raises(ValueError, match=message):
+            make_config("evaluate", EvaluateConfig, ["source=s", "inpaint_images=i", *overrides])
+    with pytest.raises(ValueError, match="set reference_stats=FOLDER"):
+        make_config("evaluate", EvaluateConfig, ["source=s", "num_samples=20"])

@@ -16,13 +16,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from factories import write_lpips_files
+
 import jobs.config
 import jobs.train_autoencoder.loop
 from jobs.config import to_dataclass
 from jobs.demo.scenes import write_demo_dataset
 from jobs.train_autoencoder.config import TrainAutoencoderConfig
 from jobs.train_autoencoder.run import train_autoencoder
-from ldm.autoencoder.lpips import LPIPS
 from ldm.image_metrics import psnr
 from pipeline.image_loader import iter_eval_batches, list_shards
 from pipeline.models.autoencoder import load_autoencoder
@@ -53,19 +54,6 @@ def write_demo_shards(out_dir: Path, num_images: int, per_shard: int) -> Path:
                    for i, row in enumerate(rows[start:start + per_shard])]
         write_shard(out_dir / f"{shard:05d}.tar", samples)
     return out_dir
-
-
-def write_lpips_files(out_dir: Path) -> tuple[Path, Path]:
-    """Random LPIPS weights in the real files' layouts: torchvision VGG16 keys and v0.1 heads
-    (made non-negative, as learned heads are, so that the distance is one)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    lpips = LPIPS()
-    vgg = {f"features.{k.split('.', 1)[1]}": v for k, v in lpips.net.state_dict().items()}
-    heads = {k: v.abs() for k, v in lpips.state_dict().items() if k.startswith("lin")}
-    torch.save(vgg, out_dir / "vgg16.pth")
-    torch.save(heads, out_dir / "heads.pth")
-    return out_dir / "vgg16.pth", out_dir / "heads.pth"
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from jobs.evaluate.inception import InceptionConfig
 from jobs.metrics import LoggerConfig
 from jobs.sample.generate import SamplingConfig
 from pipeline.conditions.degradations import DEGRADATIONS
+from pipeline.conditions.masks import MASK_SETTINGS
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -44,7 +45,7 @@ class FidStatsConfig:
 @dataclass
 class EvaluateConfig:
     """FID / IS / KID / precision-recall of a model or of an image folder (conf/evaluate.yaml)."""
-    reference_stats: str = MISSING    # a jobs.fid_stats folder
+    reference_stats: str | None = None  # a jobs.fid_stats folder (not with inpaint_images: its own originals)
     out_dir: str | None = None        # metrics.json goes here; None: Hydra's run / sweep-point folder
     source: str | None = None         # generate: a run_dir, checkpoint or export (pipeline.models.bundle.load_ldm)
     images: str | None = None         # or evaluate this folder of PNG/JPG (or shards) instead of generating
@@ -55,6 +56,14 @@ class EvaluateConfig:
     hr_images: str | None = None      # super-resolution models: HR images (folder or shards) to degrade,
     #                                   upsample and score (PSNR / SSIM, Tab. 5); jobs/evaluate/sr.py
     degradation: str = "bicubic"      # with hr_images: bicubic | bsr (pipeline.conditions.degradations)
+    inpaint_images: str | None = None  # inpainting models: the images to mask, fill and score against
+    #                                   (FID + LPIPS, all and the 40-50 % bin, Tab. 7); jobs/evaluate/inpainting.py
+    masks: str | None = None          # with inpaint_images: a folder of mask PNGs (white = fill), one per image
+    #                                   in sorted order; None: LaMa's eval masks drawn from mask_setting
+    mask_setting: str | None = None   # pipeline.conditions.masks setting; None: thick-256 (or thick-512 above 256 px)
+    lpips: bool = True                # with inpaint_images: also LPIPS-VGG (needs its weights: lpips_vgg_path, ...)
+    lpips_vgg_path: str | None = None   # torchvision's VGG16 file; None: torch hub's cache
+    lpips_heads_path: str | None = None  # the LPIPS v0.1 heads; None: the installed lpips package's
     num_samples: int | None = None    # samples to generate; with images=: the first N (None: all)
     seed: int = 0                     # sample i is drawn with seed + i (jobs.sample.generate.seeds_for)
     save_images: bool = False         # also write out_dir/samples/NNNNNN.png (hr_images=: and out_dir/low_res/)
@@ -67,9 +76,10 @@ class EvaluateConfig:
     logger: LoggerConfig = MISSING    # config group conf/logger/
 
     def __post_init__(self):
+        protocols = [key for key in ("hr_images", "inpaint_images") if getattr(self, key) is not None]
         _check([((self.source is None) != (self.images is None),
                  "set exactly one of source=RUN_OR_EXPORT (generate samples) or images=FOLDER (evaluate a folder)"),
-                (self.images is not None or self.num_samples is not None or self.hr_images is not None,
+                (self.images is not None or self.num_samples is not None or bool(protocols),
                  "set num_samples=N: how many samples to generate (e.g. 10000 or 50000 for a paper-style FID)"),
                 (self.num_samples is None or self.num_samples >= 2, f"num_samples={self.num_samples}: at least 2"),
                 (self.num_samples is None or not self.metrics.isc or self.num_samples >= self.metrics.isc_splits,
@@ -81,4 +91,17 @@ class EvaluateConfig:
                  "images= evaluates a folder as it is: drop prompt_file / class_ids"),
                 (self.hr_images is None or self.source is not None,
                  "hr_images= is the super-resolution protocol: set source=RUN_OR_EXPORT of an SR model"),
-                (self.degradation in DEGRADATIONS, f"degradation={self.degradation!r}: one of {DEGRADATIONS}")])
+                (self.degradation in DEGRADATIONS, f"degradation={self.degradation!r}: one of {DEGRADATIONS}"),
+                (len(protocols) <= 1, "hr_images= (super-resolution) and inpaint_images= (inpainting) are two "
+                 "protocols: set one"),
+                (self.inpaint_images is None or self.source is not None,
+                 "inpaint_images= is the inpainting protocol: set source=RUN_OR_EXPORT of an inpainting model"),
+                ((self.reference_stats is None) == (self.inpaint_images is not None),
+                 "inpaint_images= scores the composites against their own originals: drop reference_stats"
+                 if self.inpaint_images is not None else
+                 "set reference_stats=FOLDER (make it with `python -m jobs.fid_stats reference=IMAGES out=FOLDER`)"),
+                (self.mask_setting is None or self.mask_setting in MASK_SETTINGS,
+                 f"mask_setting={self.mask_setting!r}: one of {sorted(MASK_SETTINGS)}, or null for thick at the "
+                 "image size"),
+                (self.masks is None or self.inpaint_images is not None,
+                 "masks= goes with inpaint_images= (the inpainting protocol)")])

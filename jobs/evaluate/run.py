@@ -36,7 +36,7 @@ from jobs.distributed import (
     init_distributed,
     print0,
 )
-from jobs.evaluate import sr
+from jobs.evaluate import inpainting, sr
 from jobs.evaluate.config import EvaluateConfig
 from jobs.evaluate.fid import (
     PROTOCOL_KEYS,
@@ -57,6 +57,7 @@ from jobs.metrics import Metrics
 from jobs.sample.conditions import Conditions
 from jobs.sample.generate import generate, seeds_for
 from pipeline.models.bundle import LDMBundle, load_ldm
+from pipeline.models.weights import load_lpips
 from pipeline.shards import atomic_write_json
 
 METRICS_JSON = "metrics.json"
@@ -90,7 +91,8 @@ def condition_rule(bundle: LDMBundle, cfg: EvaluateConfig) -> Callable[[list[int
     if kind == "none":
         return lambda indices: Conditions()
     raise ValueError(f"preset {bundle.preset_name!r} is conditioned on images ({kind}): for super-resolution set "
-                     "hr_images=FOLDER (the Tab. 5 protocol), else evaluate its samples with images=FOLDER")
+                     "hr_images=FOLDER (the Tab. 5 protocol), for inpainting inpaint_images=FOLDER (Tab. 7), else "
+                     "evaluate its samples with images=FOLDER")
 
 
 def generated_slice(bundle: LDMBundle, cfg: EvaluateConfig, dist_info: DistInfo,
@@ -130,12 +132,16 @@ def _record(cfg: EvaluateConfig, metrics: dict, ours: dict, reference: dict, sou
     return {"metrics": metrics, "num_samples": num_samples,
             "protocol": {**ours, "kid_subset_size": kid_subset_size(cfg.metrics, num_samples, reference["num_samples"]),
                          "metrics_config": dataclasses.asdict(cfg.metrics)},
-            "reference": {"path": str(Path(cfg.reference_stats).resolve()), "num_samples": reference["num_samples"],
+            "reference": {"path": reference["path"], "num_samples": reference["num_samples"],
                           "source": reference["source"]},
             "source": source, "sampling": dataclasses.asdict(cfg.sampling) if cfg.source else None,
             "seed": cfg.seed, "prompt_file": cfg.prompt_file, "class_ids": cfg.class_ids,
             "super_resolution": {"hr_images": str(Path(cfg.hr_images).resolve()), "degradation": cfg.degradation,
                                  "scale": sr.SCALE} if cfg.hr_images else None,
+            "inpainting": {"images": str(Path(cfg.inpaint_images).resolve()),
+                           "masks": str(Path(cfg.masks).resolve()) if cfg.masks else None,
+                           "mask_setting": None if cfg.masks else cfg.mask_setting or "thick at the image size",
+                           "lpips": "LPIPS-VGG v0.1" if cfg.lpips else None} if cfg.inpaint_images else None,
             "seconds": round(seconds, 2)}
 
 
@@ -144,6 +150,15 @@ def _log(cfg: EvaluateConfig, out_dir: Path, metrics: dict, step: int) -> None:
                      is_main=True, total_steps=step)
     logger.log(step, {f"eval/{name}": value for name, value in metrics.items()})
     logger.close()
+
+
+def load_lpips_or_explain(cfg: EvaluateConfig):
+    """LPIPS-VGG from lpips_vgg_path / lpips_heads_path (or their defaults); ValueError saying what to set."""
+    try:
+        return load_lpips(cfg.lpips_vgg_path, cfg.lpips_heads_path)
+    except ValueError as err:
+        message = str(err).replace("vgg_path", "lpips_vgg_path").replace("heads_path", "lpips_heads_path")
+        raise ValueError(f"{message}; or set lpips=false to score FID only") from None
 
 
 def output_dir(cfg: EvaluateConfig) -> Path:
@@ -159,9 +174,14 @@ def _evaluate(cfg: EvaluateConfig, dist_info: DistInfo) -> dict | None:
         raise ValueError(f"{out_dir / METRICS_JSON} exists: set overwrite=true, or another out_dir")
     extractor, identity = load_extractor(cfg.inception, dist_info)
     ours = {**identity, "resize": resize_method(cfg.resolution), "resolution": cfg.resolution}
-    reference = check_reference(cfg.reference_stats, ours)
+    if cfg.inpaint_images is not None:
+        lpips = load_lpips_or_explain(cfg) if cfg.lpips else None
+        reference = {"path": str(Path(cfg.inpaint_images).resolve()), "source": "the inpainted images' originals"}
+    else:
+        reference = {**check_reference(cfg.reference_stats, ours), "path": str(Path(cfg.reference_stats).resolve())}
     start = time.perf_counter()
     sr_scores: list = []  # (index, PSNR / SSIM) of this rank's SR samples (hr_images=)
+    inpainting_scores: list = []  # (index, hole fraction, bin, LPIPS) of this rank's composites (inpaint_images=)
     if cfg.images is not None:
         source = open_source(cfg.images)
         images = iter_slice(source, dist_info.rank, dist_info.world_size, cfg.resolution, cfg.num_samples)
@@ -172,13 +192,23 @@ def _evaluate(cfg: EvaluateConfig, dist_info: DistInfo) -> dict | None:
         if cfg.hr_images is not None:
             images = sr.sr_slice(bundle, cfg, dist_info, sr_scores, (out_dir / SAMPLES_DIR, out_dir / sr.LOW_RES_DIR)
                                  if cfg.save_images else None)
+        elif cfg.inpaint_images is not None:
+            images = inpainting.inpainting_slice(bundle, cfg, dist_info, lpips, inpainting_scores, (
+                out_dir / SAMPLES_DIR, out_dir / inpainting.MASKS_DIR) if cfg.save_images else None)
         else:
             images = generated_slice(bundle, cfg, dist_info, out_dir)
     generated = gathered_features(extractor, images, cfg.inception.batch_size, dist_info)
-    scores = sr.summarize(sr_scores) if cfg.hr_images is not None else {}  # a gather: every rank
+    if cfg.inpaint_images is not None:  # gathers: every rank
+        truth = gathered_features(extractor, inpainting.truth_slice(cfg, dist_info), cfg.inception.batch_size,
+                                  dist_info)
+        metrics = inpainting.inpainting_metrics(generated, truth, inpainting_scores, cfg.metrics)
+        reference["num_samples"] = len(truth[FEATURES_2048])
+    else:
+        scores = sr.summarize(sr_scores) if cfg.hr_images is not None else {}
     if not dist_info.is_main:
         return None
-    metrics = compute_metrics(generated, load_stats(cfg.reference_stats)[0], cfg.metrics) | scores
+    if cfg.inpaint_images is None:
+        metrics = compute_metrics(generated, load_stats(cfg.reference_stats)[0], cfg.metrics) | scores
     num_samples = len(generated[FEATURES_2048])
     record = _record(cfg, metrics, ours, reference, source_info, num_samples, time.perf_counter() - start)
     out_dir.mkdir(parents=True, exist_ok=True)
