@@ -345,8 +345,11 @@ def test_guidance_sweep_is_one_multirun_and_ranks_do_not_change_it(data, small_s
     assert "frechet_inception_distance" not in points[1][0]["metrics"]
     for n in (0, 1):
         assert points[2][n]["sampling"] == points[1][n]["sampling"]
-        for key in METRIC_KEYS[1:]:  # the same pixels; Inception's batches differ (2 vs 4 images): rounding
-            assert points[2][n]["metrics"][key] == pytest.approx(points[1][n]["metrics"][key], rel=1e-4,
+        # The same samples up to a 1-level flip of a few pixels (below), and Inception batches of 2 vs 4:
+        # features differ beyond float rounding, and KID's cubic kernel triples that (a CI run measured
+        # 3e-4 relative). Another sample set moves every metric by far more (guidance 1 vs 3, above).
+        for key in METRIC_KEYS[1:]:
+            assert points[2][n]["metrics"][key] == pytest.approx(points[1][n]["metrics"][key], rel=2e-3,
                                                                   abs=1e-3), key
         for i in range(4):  # the same samples (a UNet batch of 2 vs 4 may flip a rounding: 1 level at most)
             two, one = (np.asarray(Image.open(sweeps[r] / str(n) / "samples" / f"{i:06d}.png"), dtype=np.int16)
