@@ -207,6 +207,18 @@ PRESETS: dict[str, LDMPreset] = {
     "demo-inpainting": LDMPreset(
         UNetConfig(9, 4, **DEBUG_UNET), "debug-kl", 8, _linear(0.0015, 0.0205),
         ConditionerConfig("concat", concat_channels=5), loss_type="l1", scale_factor=None),
+    # Tiny semantic synthesis (tests): 16x16x4 latents of 64 px images with a 4-class map rescaled 64 -> 16
+    # (two bilinear halvings) and mapped to 3 channels by the trained 1x1 conv, as ldm-vq4-semantic.
+    "debug-semantic": LDMPreset(
+        UNetConfig(7, 4, **DEBUG_UNET), "debug-kl", 16, _linear(0.0015, 0.0205),
+        ConditionerConfig("rescaler", concat_channels=3, rescaler_in_channels=4, rescaler_num_stages=2),
+        loss_type="l1", scale_factor=None),
+    # The CPU demo's semantic synthesis (jobs.demo --task semantic): 8x8x4 latents of 32 px scenes, maps of
+    # background + the 3 shapes (jobs.demo.scenes) rescaled 32 -> 8.
+    "demo-semantic": LDMPreset(
+        UNetConfig(7, 4, **DEBUG_UNET), "debug-kl", 8, _linear(0.0015, 0.0205),
+        ConditionerConfig("rescaler", concat_channels=3, rescaler_in_channels=4, rescaler_num_stages=2),
+        loss_type="l1", scale_factor=None),
     # The CPU demo's x4 super-resolution (jobs.demo --task sr): 8x8x4 latents of 32 px scenes (debug-kl,
     # f=4) with the 8x8 low-res image concatenated, the SR models' schedule.
     "demo-sr": LDMPreset(

@@ -303,3 +303,27 @@ def write_lpips_files(out_dir: Path) -> tuple[Path, Path]:
     torch.save(vgg, out_dir / "vgg16.pth")
     torch.save(heads, out_dir / "heads.pth")
     return out_dir / "vgg16.pth", out_dir / "heads.pth"
+
+
+def spatial_train_overrides(model: str, data: str, latent_dir: Path, run_dir: Path, max_steps: int,
+                            **extra) -> list[str]:
+    """Overrides of a short deterministic fp32 run of a spatially conditioned debug model (SR,
+    inpainting, semantic): one process, no loader workers, a sample grid at the last step."""
+    values = {"model": model, "data": data, "data.path": latent_dir, "run_dir": run_dir,
+              "trainer.max_steps": max_steps, "trainer.precision": "fp32", "trainer.deterministic": True,
+              "trainer.ema_decay": 0.9, "trainer.guidance_scale": 1.0, "data.batch_size": 8, "data.num_workers": 0,
+              "optim.lr": 1e-3, "logger.mode": "disabled", "logger.log_every": 1, "logger.image_every": max_steps,
+              "logger.progress_bar": False, "trainer.num_samples": 3, "trainer.sample_steps": 2} | extra
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def run_train(env, overrides: list[str]) -> int:
+    """jobs.train in this process, after `env` (conftest's single_process_env) set up one rank."""
+    from jobs.train.loop import train
+
+    env()
+    return train(make_config(overrides))
+
+
+def logged_losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -66,6 +66,10 @@ def test_debug_presets_run_end_to_end(name):
     x, context = z, None
     if preset.conditioner.kind == "concat":
         x = torch.cat([z, torch.randn(2, preset.conditioner.concat_channels, *z.shape[-2:])], dim=1)
+    elif preset.conditioner.kind == "rescaler":  # a one-hot map at image size, rescaled to the latent grid
+        ids = torch.randint(0, preset.conditioner.rescaler_in_channels, (2, side, side))
+        one_hot = torch.nn.functional.one_hot(ids, preset.conditioner.rescaler_in_channels).permute(0, 3, 1, 2)
+        x = torch.cat([z, cond(one_hot.float())], dim=1)
     elif cond is not None:
         context = cond(cond.null_condition(2))
     eps = unet(x, torch.tensor([1, 500]), context)

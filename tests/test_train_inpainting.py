@@ -12,10 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from factories import make_config, tiny_autoencoder
+from factories import logged_losses, make_config, run_train, spatial_train_overrides, tiny_autoencoder
 from jobs.checkpointing import CheckpointManager
 from jobs.sample.conditions import inpainting_concat
-from jobs.train.loop import train
 from jobs.train.setup import build_models
 from ldm.diffusion.objectives import diffusion_loss
 from ldm.presets import PRESETS
@@ -75,22 +74,8 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def overrides_for(latent_dir: Path, run_dir: Path, max_steps: int, **extra) -> list[str]:
-    values = {"model": "debug-inpainting", "data": "inpainting", "data.masks": MASKS, "data.path": latent_dir,
-              "run_dir": run_dir, "trainer.max_steps": max_steps, "trainer.precision": "fp32",
-              "trainer.deterministic": True, "trainer.ema_decay": 0.9, "trainer.guidance_scale": 1.0,
-              "data.batch_size": 8, "data.num_workers": 0, "optim.lr": 1e-3, "logger.mode": "disabled",
-              "logger.log_every": 1, "logger.image_every": max_steps, "logger.progress_bar": False,
-              "trainer.num_samples": 3, "trainer.sample_steps": 2} | extra
-    return [f"{key}={value}" for key, value in values.items()]
-
-
-def run_train(env, overrides: list[str]) -> int:
-    env()
-    return train(make_config(overrides))
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return spatial_train_overrides("debug-inpainting", "inpainting", latent_dir, run_dir, max_steps,
+                                   **{"data.masks": MASKS, **extra})
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -178,7 +163,7 @@ def test_training_lowers_the_loss_uses_the_masked_image_and_resumes_exactly(tmp_
     extra = {"checkpoint.every_steps": 3, "logger.image_every": 80}
     straight = tmp_path / "straight"
     assert run_train(single_process_env, overrides_for(setup[0], straight, 80, **extra)) == 0
-    values = losses(straight)
+    values = logged_losses(straight)
     assert np.mean(values[-8:]) < 0.8 * np.mean(values[:8]), values
     own, other = _held_out_loss(straight, setup, False), _held_out_loss(straight, setup, True)
     assert own < 0.97 * other, (own, other)  # measured 0.296 against 0.319 (L1; 0.300 / 0.323 with L2)
@@ -190,6 +175,6 @@ def test_training_lowers_the_loss_uses_the_masked_image_and_resumes_exactly(tmp_
     assert run_train(single_process_env, overrides_for(setup[0], split, 6, **short)) == 0
     again = tmp_path / "again"
     assert run_train(single_process_env, overrides_for(setup[0], again, 6, **short)) == 0
-    assert losses(split) == losses(again) and len(losses(again)) == 6
+    assert logged_losses(split) == logged_losses(again) and len(logged_losses(again)) == 6
     a, b = (load_file(str(CheckpointManager(d / "checkpoints").latest() / "ema.safetensors")) for d in (again, split))
     assert all(torch.equal(a[k], b[k]) for k in a)

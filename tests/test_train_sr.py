@@ -10,26 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors.torch import load_file
 
-import jobs.config
+from factories import logged_losses, make_config, run_train, spatial_train_overrides
+
 from jobs.checkpointing import CheckpointManager
-from jobs.config import to_dataclass
-from jobs.train.config import TrainConfig
-from jobs.train.loop import train
 from jobs.train.setup import build_models
 from ldm.diffusion.objectives import diffusion_loss
 from ldm.presets import PRESETS
 from pipeline.latents.loader import LatentLoader
 from pipeline.shards import write_shard
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 PRESET = PRESETS["debug-sr"]
 C, SIZE = PRESET.unet.out_channels, PRESET.latent_size
 HR = 4 * SIZE
-jobs.config.register_schemas()
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -91,27 +86,8 @@ def sr_latents(tmp_path_factory) -> Path:
     return write_sr_latents(tmp_path_factory.mktemp("sr") / "latents")
 
 
-def make_config(overrides: list[str]) -> TrainConfig:
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return to_dataclass(compose("train", overrides=overrides), TrainConfig)
-
-
 def overrides_for(latent_dir: Path, run_dir: Path, max_steps: int, **extra) -> list[str]:
-    values = {"model": "debug-sr", "data": "sr", "data.path": latent_dir, "run_dir": run_dir,
-              "trainer.max_steps": max_steps, "trainer.precision": "fp32", "trainer.deterministic": True,
-              "trainer.ema_decay": 0.9, "trainer.guidance_scale": 1.0, "data.batch_size": 8, "data.num_workers": 0,
-              "optim.lr": 1e-3, "logger.mode": "disabled", "logger.log_every": 1, "logger.image_every": max_steps,
-              "logger.progress_bar": False, "trainer.num_samples": 3, "trainer.sample_steps": 2} | extra
-    return [f"{key}={value}" for key, value in values.items()]
-
-
-def run_train(env, overrides: list[str]) -> int:
-    env()
-    return train(make_config(overrides))
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return spatial_train_overrides("debug-sr", "sr", latent_dir, run_dir, max_steps, **extra)
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -215,7 +191,7 @@ def test_training_on_low_res_conditions_lowers_the_loss_and_uses_the_condition(t
     run_dir = tmp_path / "run"
     assert run_train(single_process_env, overrides_for(sr_latents, run_dir, 80, **{"data.condition": "sr-bicubic",
                                                                                     "logger.image_every": 80})) == 0
-    values = losses(run_dir)
+    values = logged_losses(run_dir)
     first, last = np.mean(values[:10]), np.mean(values[-10:])
     assert last < 0.6 * first, (first, last)
     own, other = _held_out_loss(run_dir, sr_latents, False), _held_out_loss(run_dir, sr_latents, True)
@@ -233,6 +209,6 @@ def test_resume_with_bsr_conditions_is_bitwise_equal_to_an_uninterrupted_run(tmp
     assert run_train(single_process_env, overrides_for(sr_latents, straight, 6, **extra)) == 0
     run_train(single_process_env, overrides_for(sr_latents, split, 6, **extra, **{"trainer.stop_after_steps": 4}))
     assert run_train(single_process_env, overrides_for(sr_latents, split, 6, **extra)) == 0
-    assert losses(split) == losses(straight) and len(losses(straight)) == 6
+    assert logged_losses(split) == logged_losses(straight) and len(logged_losses(straight)) == 6
     a, b = (load_file(str(CheckpointManager(d / "checkpoints").latest() / "ema.safetensors")) for d in (straight, split))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -5,6 +5,7 @@
     class ("class")                   class_ids    -> ClassEmbedder -> one-token context [B, 1, D]
     super-resolution ("concat")       images       low-res RGB in [-1, 1], concatenated with z_t (Sec. 4.4)
     inpainting ("concat")             images+masks masked image encoded by the first stage + mask (Sec. 4.5)
+    semantic ("rescaler")             maps         class ids -> one-hot -> SpatialRescaler -> concatenated (Sec. 4.3.2)
     unconditional ("none")            nothing
 `condition_pair` turns them into (cond, uncond) for `ldm.diffusion.guidance.classifier_free_guidance`:
 dicts {"context": ...} or {"concat": ...}; uncond is the conditioner's empty condition
@@ -24,8 +25,10 @@ from torch import Tensor
 
 from ldm.diffusion.tokenizers import build_tokenizer
 
-KIND_INPUTS = {"none": (), "text": ("prompts",), "class": ("class_ids",), "concat": ("images", "masks")}
-INPUT_KEYS = {"prompts": "prompts / prompt_file", "class_ids": "class_ids", "images": "images", "masks": "masks"}
+KIND_INPUTS = {"none": (), "text": ("prompts",), "class": ("class_ids",), "concat": ("images", "masks"),
+               "rescaler": ("maps",)}
+INPUT_KEYS = {"prompts": "prompts / prompt_file", "class_ids": "class_ids", "images": "images", "masks": "masks",
+              "maps": "maps"}
 
 
 @dataclass
@@ -34,11 +37,13 @@ class Conditions:
 
     images: [N, 3, H, W] in [-1, 1] (SR: the low-res input; inpainting: the image to complete).
     masks: [N, 1, H, W] in {0, 1}, 1 = the region to generate (inpainting only, with `images`).
+    maps: [N, H, W] integer class ids at image size (semantic synthesis).
     """
     prompts: list[str] | None = None
     class_ids: list[int] | None = None
     images: Tensor | None = None
     masks: Tensor | None = None
+    maps: Tensor | None = None
 
     def given(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
@@ -55,11 +60,7 @@ class Conditions:
 
 
 def conditioner_kind(bundle) -> str:
-    kind = bundle.preset.conditioner.kind
-    if kind == "rescaler":
-        raise ValueError(f"preset {bundle.preset_name!r} is a semantic-synthesis model (segmentation-map "
-                         "conditioner): sampling it is not supported yet")
-    return kind
+    return bundle.preset.conditioner.kind
 
 
 def check_conditions(bundle, conditions: Conditions, num_seeds: int) -> None:
@@ -80,11 +81,30 @@ def check_conditions(bundle, conditions: Conditions, num_seeds: int) -> None:
         _check_class_ids(conditions.class_ids, bundle.preset.conditioner.num_classes)
     if kind == "concat":
         _check_images(bundle, conditions)
+    if kind == "rescaler":
+        _check_maps(bundle, conditions.maps)
 
 
 def _describe(kind: str) -> str:
     return {"none": "unconditional", "text": "text-conditional", "class": "class-conditional",
-            "concat": "conditioned on an image (super-resolution / inpainting)"}[kind]
+            "concat": "conditioned on an image (super-resolution / inpainting)",
+            "rescaler": "conditioned on a segmentation map (semantic synthesis)"}[kind]
+
+
+def _check_maps(bundle, maps: Tensor) -> None:
+    num_classes = bundle.preset.conditioner.rescaler_in_channels
+    if maps.ndim != 3 or maps.is_floating_point():
+        raise ValueError(f"maps must be [N, H, W] integer class ids, got {tuple(maps.shape)} {maps.dtype}")
+    if maps.numel() and not 0 <= int(maps.min()) <= int(maps.max()) < num_classes:
+        raise ValueError(f"maps hold class ids {int(maps.min())}..{int(maps.max())}, preset {bundle.preset_name!r} "
+                         f"reads {num_classes} classes (0..{num_classes - 1})")
+
+
+def one_hot_maps(ids_BHW: Tensor, num_classes: int) -> Tensor:
+    """[B, num_classes, H, W] float32 one-hot of class ids; an id outside 0..num_classes-1 (-1: guidance
+    dropout's empty map) is all zeros. Sampling and training alike."""
+    classes = torch.arange(num_classes, device=ids_BHW.device).view(1, -1, 1, 1)
+    return (ids_BHW.long()[:, None] == classes).float()
 
 
 def _check_class_ids(class_ids: list[int], num_classes: int) -> None:
@@ -172,7 +192,20 @@ def condition_pair(bundle, conditions: Conditions, latent_hw: tuple[int, int],
     if kind == "class":
         labels_B = torch.tensor([int(c) for c in conditions.class_ids], dtype=torch.long, device=device)
         return _context_pair(bundle, labels_B, bundle.conditioner)
+    if kind == "rescaler":
+        return _map_pair(bundle, conditions.maps.to(device), latent_hw)
     return _concat_pair(bundle, conditions, latent_hw, device)
+
+
+def _map_pair(bundle, maps_BHW: Tensor, latent_hw: tuple[int, int]) -> tuple[dict, dict]:
+    """Sec. 4.3.2: the one-hot map through the trained SpatialRescaler; the empty map (no class
+    anywhere) gives the unconditional branch, as guidance dropout trained it."""
+    one_hot = one_hot_maps(maps_BHW, bundle.preset.conditioner.rescaler_in_channels)
+    c = bundle.conditioner(one_hot)
+    if tuple(c.shape[-2:]) != tuple(latent_hw):
+        raise ValueError(f"maps of {maps_BHW.shape[-2]}x{maps_BHW.shape[-1]} rescale to {c.shape[-2]}x{c.shape[-1]}, "
+                         f"the latents are {latent_hw[0]}x{latent_hw[1]}: give maps at the image size")
+    return {"concat": c}, {"concat": bundle.conditioner(torch.zeros_like(one_hot))}
 
 
 def unet_with_conditions(unet):

@@ -90,13 +90,20 @@ def first_stage_factor(bundle) -> int:
 
 def image_size(bundle, cfg: SamplingConfig, conditions: Conditions) -> tuple[int, int]:
     """(height, width) of the images: sampling.height / width, else the natural size for the conditions
-    (inpainting: the image's; super-resolution: the low-res image's x f; else the training size)."""
+    (inpainting: the image's; semantic: the map's; super-resolution: the low-res image's x f; else the
+    training size)."""
     f = first_stage_factor(bundle)
     if conditions.masks is not None:
         natural, what = tuple(conditions.images.shape[-2:]), "the image to inpaint"
         if (cfg.height or natural[0], cfg.width or natural[1]) != natural:
             raise ValueError(f"sampling.height/width={cfg.height}x{cfg.width} differ from {what} "
                              f"({natural[0]}x{natural[1]}): leave them null when inpainting")
+    elif conditions.maps is not None:  # semantic synthesis: a map per pixel of the image
+        natural, what = tuple(conditions.maps.shape[-2:]), "the segmentation map"
+        if (cfg.height or natural[0], cfg.width or natural[1]) != natural:
+            raise ValueError(f"sampling.height/width={cfg.height}x{cfg.width} differ from {what} "
+                             f"({natural[0]}x{natural[1]}): leave them null, or give a map of the size wanted "
+                             "(a larger map samples a larger image, Sec. 4.3.2)")
     elif conditions.images is not None:  # super-resolution: the low-res image lives on the latent grid
         natural, what = tuple(s * f for s in conditions.images.shape[-2:]), "the low-res image x f"
         if (cfg.height or natural[0], cfg.width or natural[1]) != natural:

@@ -131,15 +131,21 @@ class TrainConfig:
     def __post_init__(self):
         kind, data = self.model.conditioner_kind, self.data
         preset = f"model.preset={self.model.preset!r}"
-        _check([(kind in ("text", "class", "none", "concat"),
-                 f"{preset} has a {kind!r} conditioner; jobs.train reads latents with tokens, a stored context, "
-                 f"class labels or a low-res image: choose a text-to-image, class-conditional, unconditional or "
-                 f"super-resolution preset"),
-                (kind != "concat" or data.condition is not None,
+        spatial = kind in ("concat", "rescaler")
+        _check([(kind in ("text", "class", "none", "concat", "rescaler"),
+                 f"{preset} has a {kind!r} conditioner, which jobs.train cannot feed: choose a text-to-image, "
+                 f"class-conditional, unconditional, super-resolution, inpainting or semantic preset"),
+                (not spatial or data.condition is not None,
                  f"{preset} concatenates a condition to z_t: set data.condition (one of {CONDITIONS})"),
-                (data.condition is None or kind == "concat",
+                (data.condition is None or spatial,
                  f"data.condition={data.condition!r} is concatenated to z_t, {preset} has a {kind!r} conditioner: "
                  f"choose a concat preset (ldm-vq4-sr, debug-sr) or set data.condition=null"),
+                (data.condition != "semantic" or kind == "rescaler",
+                 f"data.condition='semantic' conditions on segmentation maps; {preset} has a {kind!r} conditioner: "
+                 f"choose a semantic preset (ldm-vq4-semantic, debug-semantic, demo-semantic)"),
+                (kind != "rescaler" or data.condition in (None, "semantic"),
+                 f"{preset} reads segmentation maps: set data.condition=semantic (data=semantic), not "
+                 f"{data.condition!r}"),
                 (self.model.first_stage is None or data.condition == "inpainting",
                  f"model.first_stage={self.model.first_stage!r} is the encoder of inpainting's masked images; "
                  f"data.condition={data.condition!r} does not use it: unset model.first_stage"),
@@ -164,4 +170,4 @@ class TrainConfig:
         kind = self.model.conditioner_kind
         if kind == "text":
             return "context" if self.data.use_context else "tokens"
-        return {"class": "label", "concat": "concat"}.get(kind)
+        return {"class": "label", "concat": "concat", "rescaler": "concat"}.get(kind)

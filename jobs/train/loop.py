@@ -216,6 +216,8 @@ def _check_data(cfg: TrainConfig, loader: LatentLoader) -> None:
                              f"({channels} channels); model.preset={cfg.model.preset!r} concatenates "
                              f"{preset.conditioner.concat_channels}: choose an inpainting preset "
                              f"(ldm-vq4-inpainting, ldm-vq4-inpainting-big, demo-inpainting)")
+    elif cfg.data.condition == "semantic":
+        _check_semantic(cfg, preset, loader.manifest)
     elif cfg.data.condition:
         side = loader.manifest["resolution"] // SCALE
         if side != preset.latent_size or preset.conditioner.concat_channels != 3:
@@ -228,6 +230,21 @@ def _check_data(cfg: TrainConfig, loader: LatentLoader) -> None:
         raise ValueError(f"data.classes_file={cfg.data.classes_file!r} names {len(loader.classes)} classes, "
                          f"model.preset={cfg.model.preset!r} has {preset.conditioner.num_classes}: choose a preset "
                          f"with enough classes")
+
+
+def _check_semantic(cfg: TrainConfig, preset, manifest: dict) -> None:
+    """The maps' class count is the rescaler's input, and the rescaled map lands on the latent grid."""
+    c = preset.conditioner  # a rescaler: TrainConfig checked it
+    classes = manifest["images"]["map_classes"]
+    if classes != c.rescaler_in_channels:
+        raise ValueError(f"{cfg.data.path} holds maps of {classes} classes (precompute's map_classes), model.preset="
+                         f"{cfg.model.preset!r} reads {c.rescaler_in_channels}: precompute with map_classes="
+                         f"{c.rescaler_in_channels} or choose a matching preset")
+    side = manifest["resolution"] // 2 ** c.rescaler_num_stages
+    if side != preset.latent_size:
+        raise ValueError(f"the {manifest['resolution']} px maps of {cfg.data.path} rescale to {side}x{side}, the "
+                         f"latents of model.preset={cfg.model.preset!r} are {preset.latent_size}x{preset.latent_size}: "
+                         f"precompute at resolution {preset.latent_size * 2 ** c.rescaler_num_stages}")
 
 
 def load_first_stage(cfg: TrainConfig, encoder: dict) -> torch.nn.Module:

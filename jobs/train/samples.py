@@ -20,6 +20,7 @@ from ldm.diffusion.guidance import classifier_free_guidance
 from ldm.diffusion.samplers import sample_ddim
 from ldm.diffusion.unet import UNet
 from ldm.presets import build_conditioner
+from pipeline.conditions import colour_map
 
 PREVIEW_UPSCALE = 4  # 16x16 debug latents are too small to look at
 
@@ -65,6 +66,8 @@ def sample_grid(cfg: TrainConfig, models: Models, ema: TrainEMA, sampler: Sample
     images = _to_images(sampler, z_0.float())
     if cfg.condition_key == "concat":  # condition | sample, pair by pair
         y = tokens_BL[:num].to(images)
+        if y.shape[1] == 1:  # semantic: the map's classes in fixed colours
+            y = torch.from_numpy(colour_map(y[:, 0].cpu().numpy())).permute(0, 3, 1, 2).to(images) / 127.5 - 1
         shown = F.interpolate(y[:, :3], size=images.shape[-2:], mode="nearest")
         if y.shape[1] == 4:  # inpainting: the masked image | the composite (1 - m) x + m x_hat (Sec. 4.5)
             fill = F.interpolate(y[:, 3:], size=images.shape[-2:], mode="nearest") > 0.5
@@ -78,9 +81,13 @@ def _guided_model(cfg: TrainConfig, models: Models, sampler: Sampler, tokens_BL:
     if tokens_BL is None:  # unconditional preset
         return lambda x_t, t_B: unet(x_t, t_B)
     tokens_BL = tokens_BL[:num].to(next(sampler.module.parameters()).device)
-    encoder = models.frozen_conditioner or sampler.module.conditioner
+    first = models.frozen_conditioner or sampler.module.conditioner
     key = "concat" if cfg.condition_key == "concat" else "context"
-    cond, uncond = {key: encoder(tokens_BL)}, {key: encoder(null_input(encoder, tokens_BL))}
+
+    def encode(y):  # as in training: the frozen part (if any), then the part trained in the engine
+        c = models.frozen_conditioner(y) if models.frozen_conditioner is not None else y
+        return sampler.module.conditioner(c) if sampler.module.conditioner is not None else c
+    cond, uncond = {key: encode(tokens_BL)}, {key: encode(null_input(first, tokens_BL))}
     return classifier_free_guidance(unet_with_conditions(unet), cond, uncond, cfg.trainer.guidance_scale)
 
 

@@ -82,6 +82,24 @@ class InpaintingCondition(nn.Module):
         return torch.zeros_like(y_B4HW)
 
 
+class SemanticOneHot(nn.Module):
+    """The fixed half of semantic synthesis' tau (Sec. 4.3.2): class ids [B, 1, H, W] from the loader ->
+    one-hot [B, N, H, W] on the device, which the engine's trainable SpatialRescaler maps to 3 channels.
+    Its empty condition is id -1 everywhere: a one-hot of no class, all zeros."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, ids_B1HW: torch.Tensor) -> torch.Tensor:
+        from jobs.sample.conditions import one_hot_maps
+
+        return one_hot_maps(ids_B1HW[:, 0], self.num_classes)
+
+    def null_like(self, ids_B1HW: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(ids_B1HW, -1)
+
+
 def null_input(encoder: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """The empty condition in place of a batch of inputs y: zeros of y's shape for a spatial condition
     (it has no shape-free one), else the conditioner's null_condition."""
@@ -110,6 +128,8 @@ def build_models(cfg: TrainConfig, device: torch.device, null_context_LD: torch.
     if cfg.data.condition == "inpainting":
         assert first_stage is not None, "inpainting encodes masked images with the first stage"
         frozen = InpaintingCondition(first_stage, preset.unet.out_channels).to(device)
+    elif cfg.data.condition == "semantic":  # the rescaler stays in the engine: it is trained (Sec. 4.3.2)
+        frozen = SemanticOneHot(preset.conditioner.rescaler_in_channels)
     elif cfg.data.use_context:
         assert null_context_LD is not None, "the stored context needs its null condition"
         frozen, conditioner = StoredContext(null_context_LD).to(device), None

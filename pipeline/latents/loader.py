@@ -62,7 +62,7 @@ class LatentDataConfig:
     use_context: bool = False          # batch["context"] from KEY.context.npy (frozen text encoder)
     label_key: str | None = None       # batch["label"] from this key of KEY.json (class-conditional models)
     classes_file: str | None = None    # or batch["label"] = line of the caption in this classes.txt
-    condition: str | None = None       # batch["concat"]: sr-bicubic | sr-bsr | inpainting (pipeline.conditions)
+    condition: str | None = None       # batch["concat"]: sr-bicubic | sr-bsr | inpainting | semantic (pipeline.conditions)
     masks: str = "train-256"           # inpainting: the mask setting (pipeline.conditions.masks.MASK_SETTINGS)
     scale_factor: float | None = None  # None: the manifest's (App. G)
     prefetch_factor: int = 2           # batches each worker keeps ready
@@ -184,7 +184,8 @@ class LatentBatches(IterableDataset):
             out["label"] = self.label(files, out["caption"], f"{reader.names[shard]}: sample {key!r}")
         if self.cfg.condition:
             out["concat"] = make_condition(self.cfg.condition, files, condition_rng(self.cfg.seed, epoch, sample_id),
-                                           f"{reader.names[shard]}: sample {key!r}", self.cfg.masks)
+                                           f"{reader.names[shard]}: sample {key!r}", self.cfg.masks,
+                                           (self.manifest.get("images") or {}).get("map_classes"))
         return out
 
     def label(self, files: dict[str, bytes], caption: str, where: str) -> int:
@@ -348,7 +349,13 @@ class LatentLoader:
                              f"set data.use_tokens=false or rerun jobs.precompute with a tokenizer")
         if self.cfg.use_context and self.manifest.get("text_encoder") is None:
             raise ValueError("data.use_context=true but " + missing_context_message(self.cfg.path))
-        if self.cfg.condition and not (self.manifest.get("images") or {}).get("keep_images"):
+        images = self.manifest.get("images") or {}
+        if self.cfg.condition == "semantic":
+            if not images.get("map_classes"):
+                raise ValueError(f"data.condition='semantic' reads each sample's segmentation map, but {self.cfg.path} "
+                                 "was precomputed without them: ingest with map_col=, then rerun jobs.precompute "
+                                 "with map_classes=N (the maps' class count)")
+        elif self.cfg.condition and not images.get("keep_images"):
             raise ValueError(f"data.condition={self.cfg.condition!r} is made from each sample's image, but "
                              f"{self.cfg.path} was precomputed without them: rerun jobs.precompute with "
                              f"keep_images=true")

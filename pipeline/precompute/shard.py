@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.conditions import decode_map
 from pipeline.latents.manifest import SKIP_REASONS
 from pipeline.shards import atomic_write_json, iter_samples, write_shard
 
@@ -42,7 +43,9 @@ class ImagePolicy:
     The square's side is the shorter side times a fraction in [min_crop_fraction, max_crop_fraction]
     (1, 1: the largest square; the super-resolution sets crop 0.5-1, App. E.3.4), drawn per key.
     `keep_image`: the sample also keeps its crop as KEY.image.png (the HR image of super-resolution,
-    the image an inpainting mask is cut from), exactly the pixels the encoder saw."""
+    the image an inpainting mask is cut from), exactly the pixels the encoder saw.
+    `map_classes`: the sample's segmentation map KEY.seg.png (jobs.ingest map_col) is cut by the same
+    box, resized by nearest neighbour and kept; each id must be below map_classes (semantic synthesis)."""
     resolution: int
     crop: str = "center"  # "random": the square's offset is drawn from (seed, source shard, key)
     seed: int = 0
@@ -50,6 +53,7 @@ class ImagePolicy:
     max_crop_fraction: float = 1.0
     resize_filter: str = "bicubic"
     keep_image: bool = False
+    map_classes: int | None = None
 
     def __post_init__(self):
         if self.crop not in CROPS:
@@ -59,6 +63,8 @@ class ImagePolicy:
         if not 0 < self.min_crop_fraction <= self.max_crop_fraction <= 1:
             raise ValueError(f"min_crop_fraction={self.min_crop_fraction}, max_crop_fraction="
                              f"{self.max_crop_fraction}: need 0 < min <= max <= 1")
+        if self.map_classes is not None and not 2 <= self.map_classes <= 256:
+            raise ValueError(f"map_classes={self.map_classes}: a map stores 8-bit ids, so 2..256 classes (or null)")
         if self.resize_filter not in RESIZE_FILTERS:
             raise ValueError(f"resize_filter={self.resize_filter!r}: use one of {tuple(RESIZE_FILTERS)}")
 
@@ -70,6 +76,7 @@ class Decoded:
     caption: str
     meta: dict
     image_png: bytes | None = None  # ImagePolicy.keep_image
+    map_png: bytes | None = None    # ImagePolicy.map_classes: the cropped map, mode "L"
 
 
 def shard_paths(out_dir: str | Path, name: str) -> dict[str, Path]:
@@ -106,13 +113,35 @@ def prepare_image(data: bytes, policy: ImagePolicy, sample_id: str) -> tuple[np.
             return None, "too_small", []
         left, top, side = crop_box(width, height, policy, sample_id)
         # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale when that still covers the crop: much faster.
-        image.draft("RGB", (-(-size * width // side), -(-size * height // side)))
+        # Not with a map: the rounded draft box would cut the picture up to 4 px off the map's box.
+        if not policy.map_classes:
+            image.draft("RGB", (-(-size * width // side), -(-size * height // side)))
         scale = image.size[0] / width
         box = tuple(round(v * scale) for v in (left, top, left + side, top + side))
         image = image.convert("RGB").crop(box).resize((size, size), RESIZE_FILTERS[policy.resize_filter])
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None, "corrupt_image", []
     return np.asarray(image).transpose(2, 0, 1).copy(), None, [left, top, side]
+
+
+def prepare_map(data: bytes | None, policy: ImagePolicy, box: list, image_size: tuple[int, int],
+                where: str) -> bytes:
+    """KEY.seg.png of the crop `box` (left, top, side) of a sample's map, resized by nearest neighbour
+    (ids stay ids). ValueError naming `where` (shard/key) when the map is missing, not one channel
+    of ids, of another size than its image, or holds an id >= map_classes."""
+    if data is None:
+        raise ValueError(f"{where}: no KEY.seg.png, but map_classes={policy.map_classes} keeps each sample's "
+                         "segmentation map: ingest with map_col= (the URL list's map column), or set map_classes=null")
+    ids = decode_map(data, policy.map_classes, where)
+    if ids.shape[::-1] != image_size:
+        raise ValueError(f"{where}: KEY.seg.png is {ids.shape[1]}x{ids.shape[0]}, its image "
+                         f"{image_size[0]}x{image_size[1]}: a map must cover its image pixel for pixel")
+    left, top, side = box
+    size = policy.resolution
+    cropped = Image.fromarray(ids).crop((left, top, left + side, top + side))
+    buffer = io.BytesIO()
+    cropped.resize((size, size), Image.Resampling.NEAREST).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _caption(sample: dict, meta: dict) -> str:
@@ -137,11 +166,16 @@ def decode_sample(sample: dict, policy: ImagePolicy, source: str) -> tuple[Decod
     data = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
     if data is None:
         return "corrupt_image"
-    image, reason, box = prepare_image(data, policy, f"{source}/{sample['__key__']}")
+    where = f"{source}/{sample['__key__']}"
+    image, reason, box = prepare_image(data, policy, where)
     if reason:
         return reason
+    map_png = None
+    if policy.map_classes:
+        map_png = prepare_map(sample.get("seg.png"), policy, box, Image.open(io.BytesIO(data)).size, where)
     meta |= {"source_shard": source, "source_key": sample["__key__"], "crop_box": box}
-    return Decoded(sample["__key__"], caption, meta, png_bytes(image) if policy.keep_image else None), image
+    return Decoded(sample["__key__"], caption, meta, png_bytes(image) if policy.keep_image else None,
+                   map_png), image
 
 
 def png_bytes(image_3HW: np.ndarray) -> bytes:
@@ -254,7 +288,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 def latent_samples(kept: list[Decoded], latents: list[np.ndarray], tokens: np.ndarray | None,
                    contexts: list[np.ndarray] | None = None) -> Iterator[dict]:
     """The output shard's samples (formats.md): KEY.latent.npy, KEY.txt, KEY.json [, KEY.tokens.npy]
-    [, KEY.context.npy] [, KEY.image.png]."""
+    [, KEY.context.npy] [, KEY.image.png] [, KEY.seg.png]."""
     for i, (decoded, latent) in enumerate(zip(kept, latents, strict=True)):
         sample = {"__key__": decoded.key, "latent.npy": _npy_bytes(latent), "txt": decoded.caption.encode("utf-8"),
                   "json": json.dumps(decoded.meta, sort_keys=True).encode("utf-8")}
@@ -264,6 +298,8 @@ def latent_samples(kept: list[Decoded], latents: list[np.ndarray], tokens: np.nd
             sample["context.npy"] = _npy_bytes(contexts[i])
         if decoded.image_png is not None:
             sample["image.png"] = decoded.image_png
+        if decoded.map_png is not None:
+            sample["seg.png"] = decoded.map_png
         yield sample
 
 

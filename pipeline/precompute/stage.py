@@ -85,6 +85,7 @@ class PrecomputeConfig:
     max_crop_fraction: float = 1.0
     resize_filter: str = "bicubic"    # bicubic | area (box averaging, the SR sets' HR images)
     keep_images: bool = False         # KEY.image.png: the crop the encoder saw (SR's HR image, inpainting's)
+    map_classes: int | None = None    # keep KEY.seg.png (ingest map_col), cropped as its image, ids < this
     seed: int = 0
     batch_size: int = 32              # images per encoder call
     encode_dtype: str = "auto"        # autocast dtype; auto: bfloat16 on GPU, float32 on CPU
@@ -213,13 +214,13 @@ def _dies_once(encode_chunks, marker: str):
 
 def image_policy(cfg: PrecomputeConfig) -> ImagePolicy:
     return ImagePolicy(cfg.resolution, cfg.crop, cfg.seed, cfg.min_crop_fraction, cfg.max_crop_fraction,
-                       cfg.resize_filter, cfg.keep_images)
+                       cfg.resize_filter, cfg.keep_images, cfg.map_classes)
 
 
 def image_settings(cfg: PrecomputeConfig) -> dict:
     """How the images were cut, for settings.json and the manifest."""
     return {"min_crop_fraction": cfg.min_crop_fraction, "max_crop_fraction": cfg.max_crop_fraction,
-            "resize_filter": cfg.resize_filter, "keep_images": cfg.keep_images}
+            "resize_filter": cfg.resize_filter, "keep_images": cfg.keep_images, "map_classes": cfg.map_classes}
 
 
 def _shard_task(source: str, cfg: PrecomputeConfig, encoders: list, first: int) -> dict:
