@@ -338,3 +338,45 @@ def test_a_mask_of_another_size_than_its_image_fails_naming_both_files_and_the_k
     with pytest.raises(ValueError, match=r"masks=.*masks': 000001.png is 32x32, its image 000001.png \(images=.*\) "
                                          r"is 64x64: give each mask its image's size"):
         build_plan(cfg)
+
+
+def test_semantic_maps_condition_the_sample_and_a_larger_map_samples_a_larger_image():
+    """Sec. 4.3.2: the one-hot map through the trained rescaler joins z_t; the empty map (no class) is
+    the unconditional branch; a 96 px map samples a 96 px image (convolutional sampling)."""
+    from jobs.sample.conditions import condition_pair, one_hot_maps
+
+    bundle = tiny_bundle("debug-semantic")
+    maps = torch.zeros(2, 64, 64, dtype=torch.long)
+    maps[1, :, 32:] = 3
+    cond, uncond = condition_pair(bundle, Conditions(maps=maps), (16, 16), CPU)
+    torch.testing.assert_close(cond["concat"], bundle.conditioner(one_hot_maps(maps, 4)))
+    assert cond["concat"].shape == (2, 3, 16, 16) and not uncond["concat"].any()
+    cfg = dataclasses.replace(FAST, guidance_scale=1.0)
+    out = latents(bundle, Conditions(maps=maps), [0, 0], cfg)
+    assert not torch.allclose(out[0], out[1], atol=1e-3)  # the same noise, another map
+    bigger = generate(bundle, Conditions(maps=torch.zeros(1, 96, 96, dtype=torch.long)), [0], cfg, CPU)
+    assert bigger.shape == (1, 96, 96, 3)
+    with pytest.raises(ValueError, match=r"maps hold class ids 4..7, preset 'debug-semantic' reads 4 classes"):
+        generate(bundle, Conditions(maps=maps + 4), [0, 0], cfg, CPU)
+    with pytest.raises(ValueError, match=r"sampling.height/width=128x128 differ from the segmentation map"):
+        generate(bundle, Conditions(maps=maps[:1]), [0], dataclasses.replace(cfg, height=128, width=128), CPU)
+
+
+def test_job_samples_from_map_files_and_names_a_map_with_a_class_beyond_the_model(tmp_path):
+    semantic = save_ldm(tiny_bundle("debug-semantic"), tmp_path / "semantic")
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for name, value in (("b.png", 2), ("a.png", 1)):
+        Image.fromarray(np.full((64, 64), value, np.uint8)).save(maps / name)
+    sample(job_config(source=semantic, out_dir=tmp_path / "out", maps=maps, num_per_prompt=1))
+    record = json.loads((tmp_path / "out" / "samples.json").read_text())
+    assert [Path(s["map"]).name for s in record["samples"]] == ["a.png", "b.png"] and record["image_size"] == [64, 64]
+    pngs = read_pngs(tmp_path / "out")
+    assert np.abs(pngs["000000.png"].astype(int) - pngs["000001.png"]).mean() > 1  # the map matters
+    Image.fromarray(np.full((64, 64), 9, np.uint8)).save(maps / "c.png")
+    with pytest.raises(ValueError, match=r"maps: .*c.png holds class id 9, preset 'debug-semantic' reads 4 classes"):
+        sample(job_config(source=semantic, out_dir=tmp_path / "out2", maps=maps, num_per_prompt=1))
+    Image.new("RGB", (64, 64)).save(maps / "d.png")
+    with pytest.raises(ValueError, match=r"d.png is a RGB image, not a map of class ids"):
+        sample(job_config(source=semantic, out_dir=tmp_path / "out3", maps=maps, num_per_prompt=1))
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()

@@ -1,7 +1,7 @@
 """Structured-config schema of `python -m jobs.sample` (conf/sample.yaml).
 
 What to sample from (`source`, `weights`, `autoencoder`), what to condition on (exactly one of
-`prompts`, `prompt_file`, `class_ids`, `images` [+ `masks`], or nothing for unconditional models with
+`prompts`, `prompt_file`, `class_ids`, `images` [+ `masks`], `maps`, or nothing for unconditional models with
 `num_samples`), how many (`num_per_prompt` per condition), which global indices (`indices`, default
 all), where (`out_dir`), and how (`sampling`, jobs.sample.generate.SamplingConfig). Checks that need no
 model run here and raise ValueError naming the key; the model-dependent ones run before any sampling.
@@ -26,6 +26,7 @@ class SampleConfig:
     class_ids: list[int] | None = None   # class-conditional models
     images: str | None = None            # SR: low-res inputs; inpainting: images to complete (a file or folder)
     masks: str | None = None             # inpainting: masks (white = generate), same count and order as images
+    maps: str | None = None              # semantic: segmentation maps (8-bit grey PNG of class ids; a file or folder)
     num_per_prompt: int = 4              # samples per prompt / class / image
     num_samples: int | None = None       # unconditional models: how many samples
     seed: int = 0                        # sample seed = seed + global index
@@ -36,9 +37,9 @@ class SampleConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self):
-        given = [k for k in ("prompts", "prompt_file", "class_ids", "images") if getattr(self, k) is not None]
+        given = [k for k in ("prompts", "prompt_file", "class_ids", "images", "maps") if getattr(self, k) is not None]
         checks = [
-            (len(given) <= 1, f"set only one of prompts, prompt_file, class_ids, images (got {given})"),
+            (len(given) <= 1, f"set only one of prompts, prompt_file, class_ids, images, maps (got {given})"),
             (self.masks is None or self.images is not None, "masks=... needs images=... (the images to inpaint)"),
             (self.weights in WEIGHTS, f"weights={self.weights!r}: use one of {WEIGHTS}"),
             (self.num_per_prompt >= 1, f"num_per_prompt={self.num_per_prompt}: must be >= 1"),

@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=8 -m jobs.sample source=exports/t2i prompt_file=prompts.txt out_dir=samples/y
     python -m jobs.sample source=exports/cin class_ids=[1,7] out_dir=samples/z     # class-conditional
     python -m jobs.sample source=exports/sr images=lowres/ out_dir=samples/sr     # super-resolution
+    python -m jobs.sample source=runs/semantic maps=maps/ out_dir=samples/sem     # semantic synthesis
     python -m jobs.sample ... indices=[17]             # regenerate sample 17 alone, identical
 
 Global index i: condition i // num_per_prompt (prompt, class id or image, in the given order), seed
@@ -62,6 +63,8 @@ class SamplePlan:
             return Conditions()
         if self.key == "image":
             return Conditions(images=self.values[rows], masks=None if self.masks is None else self.masks[rows])
+        if self.key == "map":
+            return Conditions(maps=self.values[rows])
         values = [self.values[r] for r in rows]
         return Conditions(prompts=values) if self.key == "prompt" else Conditions(class_ids=values)
 
@@ -105,6 +108,30 @@ def _load_images(files: list[Path], mode: str, key: str) -> torch.Tensor:
     return (x.permute(0, 3, 1, 2) / 127.5 - 1) if mode == "RGB" else (x[:, None] > 127.5).float()
 
 
+def _load_maps(files: list[Path], key: str) -> torch.Tensor:
+    """[N, H, W] int64 class ids of grey (mode L) or palette (mode P: its indices) PNG maps."""
+    arrays = []
+    for f in files:
+        with Image.open(f) as opened:
+            if opened.mode not in ("L", "P"):
+                raise ValueError(f"{key}: {f} is a {opened.mode} image, not a map of class ids: store the ids as "
+                                 "an 8-bit grey PNG")
+            arrays.append(np.asarray(opened))
+    if len({a.shape for a in arrays}) > 1:
+        raise ValueError(f"{key}: the maps have different sizes {sorted({a.shape for a in arrays})}; "
+                         "give maps of one size")
+    return torch.from_numpy(np.stack(arrays)).long()
+
+
+def check_maps(bundle, plan: SamplePlan, key: str = "maps") -> None:
+    """Every map's ids below the preset's classes; ValueError naming the first file that is not."""
+    num_classes = bundle.preset.conditioner.rescaler_in_channels
+    for label, ids in zip(plan.labels, plan.values):
+        if int(ids.max()) >= num_classes:
+            raise ValueError(f"{key}: {label} holds class id {int(ids.max())}, preset {bundle.preset_name!r} reads "
+                             f"{num_classes} classes (0..{num_classes - 1}): fix the map or sample another model")
+
+
 def build_plan(cfg: SampleConfig) -> SamplePlan:
     """The conditions the command line names, read once (every rank reads the same files)."""
     n = cfg.num_per_prompt
@@ -127,8 +154,11 @@ def build_plan(cfg: SampleConfig) -> SamplePlan:
                 raise ValueError(f"masks={cfg.masks!r}: {masks[0].name} is {mw}x{mh}, its image {files[0].name} "
                                  f"(images={cfg.images!r}) is {w}x{h}: give each mask its image's size")
         return plan
+    if cfg.maps is not None:
+        files = _image_files(cfg.maps, "maps")
+        return SamplePlan(len(files) * n, n, "map", [str(f) for f in files], _load_maps(files, "maps"))
     if cfg.num_samples is None:
-        raise ValueError("nothing to condition on: pass prompts / prompt_file / class_ids / images, or "
+        raise ValueError("nothing to condition on: pass prompts / prompt_file / class_ids / images / maps, or "
                          "num_samples=N for an unconditional model")
     return SamplePlan(cfg.num_samples, 1, None, [], None)
 
@@ -229,6 +259,8 @@ def sample(cfg: SampleConfig) -> dict | None:
         bundle = load_ldm(cfg.source, weights=cfg.weights, autoencoder=cfg.autoencoder)
         first = plan.conditions(indices[:1])
         check_request(bundle, first, seeds_for(indices[:1], cfg.seed), cfg.sampling)  # fails before any work
+        if plan.key == "map":
+            check_maps(bundle, plan)
         size = image_size(bundle, cfg.sampling, first)
         out_dir = Path(cfg.out_dir)
         header = run_header(cfg, bundle, size)
