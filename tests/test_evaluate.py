@@ -553,3 +553,40 @@ def test_inpainting_protocol_refuses_bad_input(data, inpainting_model, tmp_path)
             make_config("evaluate", EvaluateConfig, ["source=s", "inpaint_images=i", *overrides])
     with pytest.raises(ValueError, match="set reference_stats=FOLDER"):
         make_config("evaluate", EvaluateConfig, ["source=s", "num_samples=20"])
+
+
+# ---------------------------------------------------------------------------------------------- semantic
+
+
+def test_semantic_models_are_evaluated_from_their_maps(data, small_stats, tmp_path):
+    """Sample i is drawn from map i % count with seed + i: the very image jobs.sample makes from that map."""
+    from jobs.sample.config import SampleConfig
+    from jobs.sample.run import sample
+
+    source = save_ldm(tiny_bundle("debug-semantic"), tmp_path / "semantic")
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for i in range(2):
+        ids = np.zeros((64, 64), np.uint8)
+        ids[:, 32 * i:] = 3
+        Image.fromarray(ids).save(maps / f"{i:04d}.png")
+    steps = {"sampling.num_steps": 2, "sampling.guidance_scale": 1.0}
+    with pytest.raises(ValueError, match="semantic-synthesis model: set maps=FOLDER"):
+        evaluate(make_config("evaluate", EvaluateConfig, eval_overrides(
+            data, small_stats, tmp_path / "e", source=source, num_samples=4, **steps, **{"metrics.isc_splits": 2})))
+    summary = evaluate(make_config("evaluate", EvaluateConfig, eval_overrides(
+        data, small_stats, tmp_path / "eval", source=source, maps=maps, num_samples=4, save_images=True, seed=5,
+        **steps, **{"metrics.isc_splits": 2, "metrics.prc": False})))
+    assert summary["num_samples"] == 4 and "frechet_inception_distance" in summary
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["maps"] == str(maps.resolve())
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = jobs.config.to_dataclass(compose("sample", overrides=[
+            f"source={source}", f"out_dir={tmp_path / 'sampled'}", f"maps={maps}", "num_per_prompt=1", "seed=7",
+            "sampling.num_steps=2", "progress_bar=false"]), SampleConfig)
+    sample(cfg)  # map 1 with seed 7 + 1 = evaluation sample 3 (map 3 % 2 = 1, seed 5 + 3)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "eval" / "samples" / "000003.png")),
+                                  np.asarray(Image.open(tmp_path / "sampled" / "000001.png")))
+    with pytest.raises(ValueError, match="not a semantic-synthesis model: drop maps"):
+        evaluate(make_config("evaluate", EvaluateConfig, eval_overrides(
+            data, small_stats, tmp_path / "e3", source=save_ldm(tiny_bundle("debug-cin"), tmp_path / "cin"),
+            maps=maps, num_samples=4, **steps, **{"metrics.isc_splits": 2})))

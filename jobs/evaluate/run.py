@@ -55,7 +55,9 @@ from jobs.evaluate.inception import FEATURES_2048
 from jobs.fid_stats import gathered_features, load_extractor
 from jobs.metrics import Metrics
 from jobs.sample.conditions import Conditions
+from jobs.sample.config import SampleConfig
 from jobs.sample.generate import generate, seeds_for
+from jobs.sample.run import build_plan, check_maps
 from pipeline.models.bundle import LDMBundle, load_ldm
 from pipeline.models.weights import load_lpips
 from pipeline.shards import atomic_write_json
@@ -82,6 +84,8 @@ def condition_rule(bundle: LDMBundle, cfg: EvaluateConfig) -> Callable[[list[int
         raise ValueError(f"preset {bundle.preset_name!r} is not text-conditional: drop prompt_file")
     if cfg.class_ids is not None and kind != "class":
         raise ValueError(f"preset {bundle.preset_name!r} is not class-conditional: drop class_ids")
+    if cfg.maps is not None and kind != "rescaler":
+        raise ValueError(f"preset {bundle.preset_name!r} is not a semantic-synthesis model: drop maps")
     if kind == "text":
         prompts = read_prompts(cfg.prompt_file)
         return lambda indices: Conditions(prompts=[prompts[i % len(prompts)] for i in indices])
@@ -90,6 +94,13 @@ def condition_rule(bundle: LDMBundle, cfg: EvaluateConfig) -> Callable[[list[int
         return lambda indices: Conditions(class_ids=[class_ids[i % len(class_ids)] for i in indices])
     if kind == "none":
         return lambda indices: Conditions()
+    if kind == "rescaler":
+        if cfg.maps is None:
+            raise ValueError(f"preset {bundle.preset_name!r} is a semantic-synthesis model: set maps=FOLDER (PNG "
+                             "class-id maps; sample i gets map i % count)")
+        plan = build_plan(SampleConfig(source=cfg.source, out_dir="", maps=cfg.maps, num_per_prompt=1))
+        check_maps(bundle, plan)
+        return lambda indices: Conditions(maps=plan.values[[i % len(plan.values) for i in indices]])
     raise ValueError(f"preset {bundle.preset_name!r} is conditioned on images ({kind}): for super-resolution set "
                      "hr_images=FOLDER (the Tab. 5 protocol), for inpainting inpaint_images=FOLDER (Tab. 7), else "
                      "evaluate its samples with images=FOLDER")
@@ -136,6 +147,7 @@ def _record(cfg: EvaluateConfig, metrics: dict, ours: dict, reference: dict, sou
                           "source": reference["source"]},
             "source": source, "sampling": dataclasses.asdict(cfg.sampling) if cfg.source else None,
             "seed": cfg.seed, "prompt_file": cfg.prompt_file, "class_ids": cfg.class_ids,
+            "maps": str(Path(cfg.maps).resolve()) if cfg.maps else None,
             "super_resolution": {"hr_images": str(Path(cfg.hr_images).resolve()), "degradation": cfg.degradation,
                                  "scale": sr.SCALE} if cfg.hr_images else None,
             "inpainting": {"images": str(Path(cfg.inpaint_images).resolve()),
