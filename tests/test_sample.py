@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from factories import CONF, LAUNCHER_VARS, ROOT, assert_float32_close, perturb, tiny_bundle
 from hydra import compose, initialize_config_dir
 from PIL import Image
@@ -179,6 +180,11 @@ def test_inpainting_keeps_the_known_pixels_and_fills_the_mask():
     keep = mask[0, 0] == 0
     assert torch.equal(out[0][keep], known[0][keep])
     assert not torch.equal(out[0][~keep], known[0][~keep])
+    # Convolutional sampling at twice the training size (Sec. 4.3.2): a 128 px image, a 32x32 latent.
+    big_image, big_mask = F.interpolate(image, scale_factor=2), F.interpolate(mask, scale_factor=2)
+    big = generate(bundle, Conditions(images=big_image, masks=big_mask), [0], cfg, CPU)
+    big_known = ((big_image + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert big.shape == (1, 128, 128, 3) and torch.equal(big[0][big_mask[0, 0] == 0], big_known[0][big_mask[0, 0] == 0])
 
 
 @pytest.mark.parametrize("preset, conditions, cfg, output, match", [
