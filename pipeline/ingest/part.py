@@ -3,7 +3,9 @@
 Pure of Ray: content-hash claims come through a callable, so tests run it directly and
 `pipeline.ingest.stage` runs it as one Ray task per shard. Every input row of the shard ends up in
 the final `NNNNN.parquet` with a status: success, failed_to_download, failed_to_resize,
-filtered (with its reason) or duplicate_content; the tar holds only the successes.
+filtered (with its reason), duplicate_content or, when segmentation maps are ingested,
+failed_map (with its reason, see pipeline.ingest.maps); the tar holds only the successes, each
+with its `seg.png` when maps are ingested.
 """
 import json
 import re
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.ingest.maps import MapSettings, segmentation_png
 from pipeline.ingest.url_lists import MetadataFilters
 from pipeline.shards import (
     atomic_write_bytes,
@@ -60,23 +63,34 @@ def is_finished(out_dir: Path, shard_id: int) -> bool:
     return final_paths(out_dir, shard_id)["stats"].exists()
 
 
-def _keep_or_drop(sample: dict, filters: MetadataFilters, seen: set[str]) -> tuple[str, str | None]:
+def _keep_or_drop(sample: dict, filters: MetadataFilters, seen: set[str],
+                  maps: MapSettings | None) -> tuple[str, str | None]:
+    """Status and reason of a downloaded sample; a kept one gets its `seg.png` when maps are set."""
     meta = json.loads(sample["json"])
     if reason := size_filter_reason(meta, filters):
         return "filtered", reason
     if meta.get("sha256") in seen:
         return "duplicate_content", None
+    # After the duplicate check: no fetch for a dropped copy; before `seen`: a failed map leaves
+    # the picture to a later copy in this shard.
+    if maps is not None:
+        seg, reason = segmentation_png(sample, maps)
+        if reason:
+            return "failed_map", reason
+        sample["seg.png"] = seg
     seen.add(meta.get("sha256"))
     return "success", None
 
 
 def finalize_shard(raw_dir: Path, raw_id: int, out_dir: Path, shard_id: int, filters: MetadataFilters,
-                   claim: Callable[[list[str]], list[bool]] | None, extra: dict | None = None) -> dict:
+                   claim: Callable[[list[str]], list[bool]] | None, extra: dict | None = None,
+                   maps: MapSettings | None = None) -> dict:
     """Filter and deduplicate raw shard `raw_id` into final shard `shard_id` (rows and samples in key
     order); returns its stats.
 
     `claim(hashes)` answers, per hash, whether this shard owns it (first come across all shards
-    and earlier runs); None disables content deduplication across shards.
+    and earlier runs); None disables content deduplication across shards. `maps`: add each kept
+    sample's segmentation map as `seg.png` (None: no maps).
     """
     # img2dataset writes samples as its download threads finish them: in another order every run.
     # Key order is input order, so that the same URL list gives byte-identical shards (and a
@@ -96,7 +110,7 @@ def finalize_shard(raw_dir: Path, raw_id: int, out_dir: Path, shard_id: int, fil
         if key not in samples:  # lost with a truncated raw tar
             raw.loc[i, ["status", "reason"]] = ["failed_to_resize", "truncated_tar"]
             continue
-        status, reason = _keep_or_drop(samples[key], filters, seen)
+        status, reason = _keep_or_drop(samples[key], filters, seen, maps)
         raw.loc[i, ["status", "reason"]] = [status, reason]
         if status == "success":
             kept.append(samples[key])
@@ -117,6 +131,6 @@ def _write_final(out_dir: Path, shard_id: int, rows: pd.DataFrame, kept: list[di
 def shard_counts(rows: pd.DataFrame) -> dict:
     """Counts by status, and by reason within each failure status."""
     counts = {"status": rows["status"].value_counts().to_dict()}
-    for status in ("failed_to_download", "failed_to_resize", "filtered"):
+    for status in ("failed_to_download", "failed_to_resize", "filtered", "failed_map"):
         counts[status] = rows.loc[rows["status"] == status, "reason"].value_counts().to_dict()
     return counts

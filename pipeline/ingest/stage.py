@@ -5,7 +5,8 @@
 2. download: img2dataset with its Ray distributor, one Ray task per part, into `_work/raw/`
    (its incremental mode skips parts already downloaded);
 3. finalize: one Ray task per raw shard (pipeline.ingest.part): real-size filters and content
-   deduplication against a registry actor seeded from earlier runs, written atomically as
+   deduplication against a registry actor seeded from earlier runs, with `map_col` each kept
+   sample's segmentation map (pipeline.ingest.maps), written atomically as
    `NNNNN.tar / .parquet / _stats.json` in the output folder;
 4. `retry_failed`: rows that failed for transient reasons become new parts, downloaded and
    finalized as new shards; the original rows are marked `retried`;
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.ingest.maps import RESIZE_ONLY_IF_BIGGER, MapSettings
 from pipeline.ingest.part import (
     TRANSIENT_REASONS,
     final_paths,
@@ -60,6 +62,8 @@ class IngestConfig:
     dedup_urls: bool = True
     dedup_content: bool = True
     retry_failed: bool = False
+    map_col: str | None = None         # segmentation map per row: http(s) URL or file path; None: no maps
+    map_dir: str | None = None         # folder for relative map paths; None: the driver's working directory
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self):
@@ -68,7 +72,13 @@ class IngestConfig:
                   (self.resize_mode in RESIZE_MODES, f"resize_mode must be one of {RESIZE_MODES}"),
                   (self.encode_format in ENCODE_FORMATS, f"encode_format must be one of {ENCODE_FORMATS}"),
                   (0 < self.encode_quality <= 100, "encode_quality must be in 1..100"),
-                  (self.part_size > 0 and self.image_size > 0, "part_size and image_size must be positive")]
+                  (self.part_size > 0 and self.image_size > 0, "part_size and image_size must be positive"),
+                  (self.map_col not in (self.url_col, self.caption_col),
+                   "map_col must name its own column, not url_col or caption_col"),
+                  (self.map_dir is None or self.map_col is not None,
+                   "map_dir is set but map_col is not: set map_col=COLUMN (the map paths) or drop map_dir"),
+                  (self.map_dir is None or Path(self.map_dir).is_dir(),
+                   f"map_dir={self.map_dir!r} is not an existing folder")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
@@ -81,7 +91,8 @@ def _work(cfg: IngestConfig) -> Path:
 def _fingerprint(cfg: IngestConfig) -> str:
     """What the parts depend on: input files (name, size) and the settings applied before download."""
     files = [(str(f), f.stat().st_size) for f in expand_inputs(cfg.inputs)]
-    keys = (files, cfg.url_col, cfg.caption_col, asdict(cfg.filters), cfg.dedup_urls, cfg.part_size)
+    keys = (files, cfg.url_col, cfg.caption_col, asdict(cfg.filters), cfg.dedup_urls, cfg.part_size, cfg.map_col,
+            cfg.map_dir)
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -94,15 +105,30 @@ def plan_parts(cfg: IngestConfig) -> dict:
             raise ValueError(f"{cfg.output_dir} holds an ingest of other inputs or filters; "
                              "choose another output_dir or delete that one")
         return plan
-    frame = read_url_lists(cfg.inputs, cfg.url_col, cfg.caption_col)
+    frame = read_url_lists(cfg.inputs, cfg.url_col, cfg.caption_col, cfg.map_col)
     kept, dropped = apply_filters(frame, cfg.filters)
     kept, url_dupes = dedup_urls(kept) if cfg.dedup_urls else (kept, 0)
-    kept = kept.rename(columns={c: f"source_{c}" for c in IMG2DATASET_COLUMNS})
+    kept = kept.rename(columns={c: saved_column(c) for c in IMG2DATASET_COLUMNS})
     num_parts = _write_parts(kept, _work(cfg) / "parts", cfg.part_size)
     plan = {"fingerprint": fingerprint, "input_rows": len(frame), "filtered_before_download": dropped,
             "duplicate_urls": url_dupes, "num_parts": num_parts, "columns": list(kept.columns)}
     atomic_write_json(plan_path, plan)
     return plan
+
+
+def saved_column(name: str) -> str:
+    """An input column's name in the parts and in each sample's json."""
+    return f"source_{name}" if name in IMG2DATASET_COLUMNS else name
+
+
+def map_settings(cfg: IngestConfig) -> MapSettings | None:
+    """What finalize needs to add each sample's segmentation map; None without `map_col`."""
+    if cfg.map_col is None:
+        return None
+    # Absolute: Ray workers need not share the driver's working directory.
+    map_dir = str(Path(cfg.map_dir or ".").resolve())
+    return MapSettings(column=saved_column(cfg.map_col), map_dir=map_dir, timeout_s=cfg.timeout_s,
+                       image_size=cfg.image_size, resize_mode=cfg.resize_mode)
 
 
 def download(cfg: IngestConfig, parts_dir: Path, raw_dir: Path, columns: list[str]) -> None:
@@ -113,8 +139,9 @@ def download(cfg: IngestConfig, parts_dir: Path, raw_dir: Path, columns: list[st
         url_list=str(parts_dir), input_format="parquet", url_col="url", caption_col="caption",
         save_additional_columns=[c for c in columns if c not in ("url", "caption")] or None,
         output_folder=str(raw_dir), output_format="webdataset", number_sample_per_shard=cfg.part_size,
-        image_size=cfg.image_size, resize_mode=cfg.resize_mode, encode_format=cfg.encode_format,
-        encode_quality=cfg.encode_quality, thread_count=cfg.thread_count, timeout=cfg.timeout_s,
+        image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=RESIZE_ONLY_IF_BIGGER,
+        encode_format=cfg.encode_format, encode_quality=cfg.encode_quality, thread_count=cfg.thread_count,
+        timeout=cfg.timeout_s,
         retries=cfg.retries, compute_hash="sha256", distributor="ray", processes_count=1,
         incremental_mode="incremental", enable_wandb=False)
 
@@ -135,7 +162,8 @@ def finalize_all(ray, cfg: IngestConfig, raw_dir: Path, id_map: dict[int, int], 
     out_dir = Path(cfg.output_dir)
     registry = ContentRegistry(ray).remote(_owned_hashes(out_dir)) if cfg.dedup_content else None
     task = ray.remote(num_cpus=1)(_finalize_task)
-    pending = [task.remote(str(raw_dir), raw_id, str(out_dir), shard_id, cfg.filters, registry, extra)
+    maps = map_settings(cfg)
+    pending = [task.remote(str(raw_dir), raw_id, str(out_dir), shard_id, cfg.filters, maps, registry, extra)
                for raw_id, shard_id in id_map.items() if not is_finished(out_dir, shard_id)]
     stats = []
     with tqdm(total=len(pending), desc="finalize shards", unit="shard") as bar:
@@ -146,12 +174,12 @@ def finalize_all(ray, cfg: IngestConfig, raw_dir: Path, id_map: dict[int, int], 
     return stats
 
 
-def _finalize_task(raw_dir, raw_id, out_dir, shard_id, filters, registry, extra):
+def _finalize_task(raw_dir, raw_id, out_dir, shard_id, filters, maps, registry, extra):
     import ray
 
     claim = (lambda hashes: ray.get(registry.claim.remote(shard_id, hashes))) if registry else None
     extra = {**extra, "node": ray.get_runtime_context().get_node_id()}
-    stats = finalize_shard(Path(raw_dir), raw_id, Path(out_dir), shard_id, filters, claim, extra)
+    stats = finalize_shard(Path(raw_dir), raw_id, Path(out_dir), shard_id, filters, claim, extra, maps)
     for suffix in (".tar", ".parquet"):  # the final shard replaces the raw one; its json stays as
         Path(raw_dir, f"{raw_id:05d}{suffix}").unlink(missing_ok=True)  # img2dataset's done marker
     return stats
@@ -233,7 +261,7 @@ def summarize(cfg: IngestConfig, plan: dict, seconds: float) -> dict:
         "input_rows": plan["input_rows"], "filtered_before_download": plan["filtered_before_download"],
         "duplicate_urls": plan["duplicate_urls"], "downloaded": int(status.get("success", 0)),
         "failed_to_download": by_reason("failed_to_download"), "failed_to_resize": by_reason("failed_to_resize"),
-        "filtered_after_download": by_reason("filtered"),
+        "filtered_after_download": by_reason("filtered"), "failed_map": by_reason("failed_map"),
         "duplicate_content": int(status.get("duplicate_content", 0)), "retried": int(status.get("retried", 0)),
         "shards": len(shards), "seconds": round(seconds, 2),
         "images_per_s": round(int(status.get("success", 0)) / max(seconds, 1e-9), 2)}

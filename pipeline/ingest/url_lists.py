@@ -61,8 +61,14 @@ def read_url_list(path: Path, url_col: str, caption_col: str) -> pd.DataFrame:
     return frame[["url", "caption"] + [c for c in frame.columns if c not in ("url", "caption")]]
 
 
-def read_url_lists(patterns: list[str], url_col: str, caption_col: str) -> pd.DataFrame:
-    frames = [read_url_list(f, url_col, caption_col) for f in expand_inputs(patterns)]
+def read_url_lists(patterns: list[str], url_col: str, caption_col: str, map_col: str | None = None) -> pd.DataFrame:
+    """Every input file as one frame; with `map_col` (semantic maps), each file must hold that column."""
+    frames = []
+    for path in expand_inputs(patterns):
+        frames.append(read_url_list(path, url_col, caption_col))
+        if map_col is not None and map_col not in frames[-1].columns:
+            raise ValueError(f"{path} lacks the segmentation map column {map_col!r} (map_col); "
+                             f"found {list(frames[-1].columns)}")
     return pd.concat(frames, ignore_index=True)
 
 
