@@ -11,6 +11,7 @@ from PIL import Image, ImageFilter
 
 from jobs.demo.adherence import adherence, detect
 from jobs.demo.scenes import (
+    MAP_CLASSES,
     ALL_SCENES,
     COLOURS,
     POSITIONS,
@@ -107,6 +108,12 @@ def test_parquet_layout_and_held_out_rows_are_disjoint(tmp_path):
         assert row["caption"] == scene.caption
         assert 0.2 <= row["similarity"] <= 0.4 and 0.0 <= row["punsafe"] <= 0.02
         assert Image.open(tmp_path / row["url"]).size == (32, 32)
+        # The map marks the shape's pixels with its class: where the picture differs from its background.
+        ids = np.asarray(Image.open(tmp_path / row["map"]))
+        assert ids.shape == (32, 32) and set(np.unique(ids)) == {0, MAP_CLASSES.index(row["shape"])}
+        picture = np.asarray(Image.open(tmp_path / row["url"]).convert("RGB")).astype(int)
+        far = np.abs(picture - np.median(picture[ids == 0], axis=0)).max(axis=-1) > 60
+        assert (far == (ids > 0)).mean() > 0.97
     held_urls = set(held.column("url").to_pylist())
     assert not held_urls & set(train.column("url").to_pylist())
     assert all((tmp_path / url).is_file() for url in held_urls)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from jobs.demo.adherence import adherence
 from jobs.demo.http_server import LoopbackServer
-from jobs.demo.scenes import scene_for_index, with_base_url, write_demo_dataset
+from jobs.demo.scenes import MAP_CLASSES, scene_for_index, with_base_url, write_demo_dataset
 from jobs.demo.stages import Stage, StageFailed, last_json_line, run_logged
 from jobs.distributed import free_port
 from pipeline.models.autoencoder import load_autoencoder
@@ -80,11 +80,13 @@ def generate(s, log_path: Path) -> dict:
 
 
 def ingest(s, log_path: Path) -> dict:
-    """Serve the scenes on 127.0.0.1 and ingest them with `jobs.ingest` (img2dataset on a local Ray)."""
+    """Serve the scenes on 127.0.0.1 and ingest them with `jobs.ingest` (img2dataset on a local Ray),
+    each with its segmentation map from data/maps."""
     data = s.out / "data"
     with LoopbackServer(data) as server:
         urls = with_base_url(data / "urls.parquet", server.base_url, data / "urls_served.parquet")
         overrides = {"inputs": [str(urls)], "output_dir": s.out / "shards", "image_size": IMAGE_SIZE,
+                     "map_col": "map", "map_dir": data,  # each scene's segmentation map, copied beside it
                      # lossless (img2dataset's quality = PNG compression level): JPEG's chroma rounding shows at 32 px
                      "encode_format": "png", "encode_quality": 3,
                      "part_size": -(-s.num_images // s.num_shards), "thread_count": 16, "ray.num_cpus": 2,
@@ -153,17 +155,30 @@ IMAGE_LATENTS = "image_latents"  # OUT/image_latents: latents + each image, for 
 
 
 def precompute_with_images(s, log_path: Path) -> dict:
-    """Latents + each 32 px image (KEY.image.png: SR's HR target, inpainting's image) on a local Ray."""
+    """Latents + each 32 px image (KEY.image.png: SR's HR target, inpainting's image) and its map
+    (KEY.seg.png: semantic synthesis' condition) on a local Ray."""
     overrides = {"input_dir": s.out / "shards", "output_dir": s.out / IMAGE_LATENTS,
                  "autoencoder": s.out / "autoencoder" / "autoencoder", "resolution": IMAGE_SIZE,
-                 "keep_images": True, "batch_size": 64, "ray.num_cpus": 2, "ray.object_store_mb": 256}
+                 "keep_images": True, "map_classes": len(MAP_CLASSES), "batch_size": 64, "ray.num_cpus": 2,
+                 "ray.object_store_mb": 256}
     return run_job(IMAGE_LATENTS, "precompute", overrides, s, log_path)
 
 
 def image_latents_stage(s) -> Stage:
-    return Stage(IMAGE_LATENTS, {}, lambda log: precompute_with_images(s, log),
-                 lambda r: f"Ray: {r['num_samples_total']} latents + images ({r['samples_per_s']:.0f} img/s) "
+    return Stage(IMAGE_LATENTS, {"maps": True}, lambda log: precompute_with_images(s, log),
+                 lambda r: f"Ray: {r['num_samples_total']} latents + images + maps ({r['samples_per_s']:.0f} img/s) "
                            f"-> {s.out / IMAGE_LATENTS}", [s.out / IMAGE_LATENTS])
+
+
+def train_image_task(s, stage: str, experiment: str, data_path: Path, run_dir: Path, log_path: Path) -> dict:
+    """An image-conditioned task's LDM (`experiment`: demo-sr, demo-inpainting, demo-semantic) on 2 CPU
+    ranks, its samples decoded by the demo's autoencoder."""
+    overrides = {"experiment": experiment, "data.path": data_path, "run_dir": run_dir,
+                 "trainer.sample_autoencoder": s.out / "autoencoder" / "autoencoder", "logger.progress_bar": False,
+                 "data.seed": s.seed, **_steps(s.train_steps)}
+    run_logged(stage, [*launcher(NUM_RANKS), *job_args("train", overrides, s.out / "hydra" / stage)], log_path, JOB_ENV)
+    return {"run_dir": str(run_dir), "world_size": NUM_RANKS,
+            **metrics_summary(run_dir / "metrics.jsonl", "loss", "img_per_s")}
 
 
 def train_ldm(s, log_path: Path) -> dict:

@@ -19,10 +19,9 @@ import torch
 from PIL import Image
 
 from jobs.demo import report
-from jobs.demo.commands import (IMAGE_LATENTS, JOB_ENV, NUM_RANKS, image_latents_stage, job_args, launcher,
-                                metrics_summary, run_job, _steps)
+from jobs.demo.commands import IMAGE_LATENTS, NUM_RANKS, image_latents_stage, run_job, train_image_task
 from jobs.demo.scenes import scene_for_index
-from jobs.demo.stages import Stage, StageFailed, run_logged
+from jobs.demo.stages import Stage, StageFailed
 
 EXPERIMENT = "demo-inpainting"
 HOLE_SIDE = 0.75        # side of the square hole / the shorter side of the shape's bounding box
@@ -98,14 +97,7 @@ def lpips_distances(a_NHW3: np.ndarray, b_NHW3: np.ndarray) -> tuple[np.ndarray 
 
 
 def train(s, log_path: Path) -> dict:
-    run_dir = folder(s) / "ldm"
-    overrides = {"experiment": EXPERIMENT, "data.path": s.out / IMAGE_LATENTS, "run_dir": run_dir,
-                 "trainer.sample_autoencoder": s.out / "autoencoder" / "autoencoder", "logger.progress_bar": False,
-                 "data.seed": s.seed, **_steps(s.train_steps)}
-    run_logged("inp_ldm", [*launcher(NUM_RANKS), *job_args("train", overrides, s.out / "hydra" / "inp_ldm")],
-               log_path, JOB_ENV)
-    return {"run_dir": str(run_dir), "world_size": NUM_RANKS,
-            **metrics_summary(run_dir / "metrics.jsonl", "loss", "img_per_s")}
+    return train_image_task(s, "inp_ldm", EXPERIMENT, s.out / IMAGE_LATENTS, folder(s) / "ldm", log_path)
 
 
 def evaluate(s, log_path: Path) -> dict:

@@ -1,6 +1,6 @@
 """The embedded demo: the whole pipeline end to end on synthetic captioned scenes, on CPU, in minutes.
 
-    python -m jobs.demo [--task t2i|sr|inpainting] [--out runs/demo] [--train-steps 2000] [--fresh]
+    python -m jobs.demo [--task t2i|sr|inpainting|semantic] [--out runs/demo] [--train-steps 2000] [--fresh]
 
 Stages (each the project's real job, run as the command a user would type; jobs/demo/commands.py):
   generate     the captioned scenes (jobs.demo.scenes) and held-out images for FID
@@ -16,7 +16,9 @@ Stages (each the project's real job, run as the command a user would type; jobs/
   image_latents, sr_ldm, sr_eval (PSNR / SSIM against the held-out images, and bicubic's), report-sr.md
 --task inpainting (jobs/demo/inpainting.py): the same, then inp_ldm and inp_eval (PSNR in a hole over
   part of each held-out scene's shape, against a mean-colour fill), report-inpainting.md
-The tasks share the first three stages (sr and inpainting also image_latents): a second task in the
+--task semantic (jobs/demo/semantic.py): the same, then sem_ldm and sem_eval (IoU of each sample's shape
+  with its held-out scene's map, and with another scene's), report-semantic.md
+The tasks share the first three stages (the image tasks also image_latents): a second task in the
 same --out reuses them.
 Each prints one line of what it did and how long it took; a failure names the stage and its log
 (OUT/logs/STAGE.log). A rerun reuses every finished stage whose settings (and upstream stages) are
@@ -32,7 +34,7 @@ from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 
-from jobs.demo import commands, evaluation, inpainting, sr
+from jobs.demo import commands, evaluation, inpainting, semantic, sr
 from jobs.demo.report import write_report
 from jobs.demo.scenes import Scene, scene_for_index
 from jobs.demo.stages import Stage, StageFailed, StageRunner
@@ -89,7 +91,7 @@ def shared_stages(s: DemoSettings) -> list[Stage]:
         Stage("generate", _settings(s, *data), lambda log: commands.generate(s, log),
               lambda r: f"{r['num_images']} captioned scenes + {r['num_held_out']} held out, "
                         f"{r['image_size']} px, in {r['out_dir']}", [out / "data"]),
-        Stage("ingest", _settings(s, "num_shards"), lambda log: commands.ingest(s, log),
+        Stage("ingest", {**_settings(s, "num_shards"), "maps": True}, lambda log: commands.ingest(s, log),
               lambda r: f"img2dataset on Ray: {r['downloaded']} images in {r['shards']} shards "
                         f"({r['images_per_s']:.0f} img/s) -> {out / 'shards'}", [out / "shards"]),
         Stage("autoencoder", {**_settings(s, "ae_steps", "ae_max_steps"), "experiment": _experiment("ae_demo")},
@@ -179,7 +181,7 @@ def run_t2i(s: DemoSettings, runner: StageRunner, results: dict) -> dict:
 
 
 def run_image_task(task, s: DemoSettings, runner: StageRunner, results: dict) -> dict:
-    """An image-conditioned task (jobs/demo/sr.py, jobs/demo/inpainting.py): its stages, report and JSON."""
+    """An image-conditioned task (jobs/demo/sr.py, inpainting.py, semantic.py): its stages, report and JSON."""
     results |= {stage.name: runner.run(stage) for stage in task.stages(s)}
     result = task.headline(results)
     start = time.perf_counter()
@@ -193,7 +195,8 @@ def run_image_task(task, s: DemoSettings, runner: StageRunner, results: dict) ->
     return result
 
 
-TASKS = {"t2i": run_t2i, "sr": partial(run_image_task, sr), "inpainting": partial(run_image_task, inpainting)}
+TASKS = {"t2i": run_t2i, "sr": partial(run_image_task, sr), "inpainting": partial(run_image_task, inpainting),
+         "semantic": partial(run_image_task, semantic)}
 
 
 def parse_args(argv=None) -> tuple[DemoSettings, bool, str]:

@@ -7,7 +7,8 @@ enough for a tiny text-to-image LDM (Sec. 4.3, text-to-image) to learn on CPU in
 simple enough that `jobs.demo.adherence.detect` can read the attributes back from a sample.
 
 The dataset is written the way the real pipeline receives LAION: a `urls.parquet` of (url,
-caption, width, height, similarity, punsafe) rows next to the images. The urls are RELATIVE
+caption, width, height, similarity, punsafe, map) rows next to the images; `map` names each image's
+segmentation map (maps/, class ids of MAP_CLASSES), which ingest copies beside it (map_col=map). The urls are RELATIVE
 ("images/000012.jpg"); serve `out_dir` over HTTP and call `with_base_url` to make them absolute
 before handing the parquet to img2dataset.
 
@@ -39,6 +40,7 @@ COLOURS = {
 }
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 SIZES = ("small", "large")
+MAP_CLASSES = ("background", *SHAPES)  # the segmentation maps' class ids
 
 # Side of the shape's bounding box as a fraction of the canvas side.
 SIZE_FRACTIONS = {"small": 0.32, "large": 0.46}
@@ -51,7 +53,7 @@ _JPEG_QUALITY = 95
 URL_SCHEMA = pa.schema([
     ("url", pa.string()), ("caption", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("shape", pa.string()), ("colour", pa.string()), ("position", pa.string()),
-    ("size", pa.string()), ("similarity", pa.float64()), ("punsafe", pa.float64()),
+    ("size", pa.string()), ("similarity", pa.float64()), ("punsafe", pa.float64()), ("map", pa.string()),
 ])
 
 
@@ -155,6 +157,13 @@ def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None)
     """The RGB image of `scene` on a `size` x `size` canvas. With `rng` the background is
     textured, the shape is grainy and slightly tinted and its position is jittered; without it
     the rendering is the canonical, noise-free one."""
+    return render_with_map(scene, size, rng)[0]
+
+
+def render_with_map(scene: Scene, size: int = 64,
+                    rng: np.random.Generator | None = None) -> tuple[Image.Image, np.ndarray]:
+    """`render`'s image and its segmentation map: uint8 [size, size] class ids, 0 for the background
+    and MAP_CLASSES.index(shape) under the shape (semantic synthesis, jobs.demo --task semantic)."""
     if size < 8:
         raise ValueError(f"size={size}: use a canvas of at least 8 pixels")
     canvas_HW3 = _background(size, rng)
@@ -167,7 +176,8 @@ def render(scene: Scene, size: int = 64, rng: np.random.Generator | None = None)
     else:
         fill_N3 = fill_3
     canvas_HW3[mask_HW] = fill_N3
-    return Image.fromarray(np.clip(np.rint(canvas_HW3), 0, 255).astype(np.uint8), "RGB")
+    ids_HW = (mask_HW * MAP_CLASSES.index(scene.shape)).astype(np.uint8)
+    return Image.fromarray(np.clip(np.rint(canvas_HW3), 0, 255).astype(np.uint8), "RGB"), ids_HW
 
 
 def _sample_rng(seed: int, index: int) -> np.random.Generator:
@@ -188,13 +198,18 @@ def _jpeg_bytes(image: Image.Image) -> bytes:
 
 
 def _write_sample(out_dir: Path, index: int, seed: int, image_size: int) -> dict:
-    """Render, write `images/{index:06d}.jpg` and return its urls.parquet row."""
+    """Render, write `images/{index:06d}.jpg` and its map `maps/{index:06d}.png` (class ids, grey PNG)
+    and return its urls.parquet row."""
     scene = scene_for_index(index, seed)
     rng = _sample_rng(seed, index)
-    relative = f"images/{index:06d}.jpg"
-    _atomic_write(out_dir / relative, _jpeg_bytes(render(scene, image_size, rng)))
+    relative, map_relative = f"images/{index:06d}.jpg", f"maps/{index:06d}.png"
+    image, ids = render_with_map(scene, image_size, rng)
+    _atomic_write(out_dir / relative, _jpeg_bytes(image))
+    buffer = io.BytesIO()
+    Image.fromarray(ids).save(buffer, format="PNG")
+    _atomic_write(out_dir / map_relative, buffer.getvalue())
     return {
-        "url": relative, "caption": scene.caption, "width": image_size, "height": image_size,
+        "url": relative, "map": map_relative, "caption": scene.caption, "width": image_size, "height": image_size,
         **scene.attributes,
         # LAION-like metadata so that filter stages have something to filter on: CLIP
         # similarity spread around the usual 0.28 cut, punsafe near 0.
@@ -226,6 +241,7 @@ def write_demo_dataset(
         raise ValueError(f"image_size={image_size}: use at least 8 pixels")
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    (out_dir / "maps").mkdir(exist_ok=True)
     rows = [_write_sample(out_dir, i, seed, image_size) for i in range(num_images + held_out)]
     _write_parquet(out_dir / "urls.parquet", rows[:num_images])
     _write_parquet(out_dir / "held_out.parquet", rows[num_images:])

@@ -17,11 +17,10 @@ from pathlib import Path
 from PIL import Image
 
 from jobs.demo import report
-from jobs.demo.commands import (IMAGE_LATENTS, IMAGE_SIZE, JOB_ENV, NUM_RANKS, image_latents_stage, job_args,
-                                launcher, metrics_summary, run_job, _steps)
+from jobs.demo.commands import IMAGE_LATENTS, IMAGE_SIZE, NUM_RANKS, image_latents_stage, run_job, train_image_task
 from jobs.demo.evaluation import reference_stats
 from jobs.demo.scenes import scene_for_index
-from jobs.demo.stages import Stage, run_logged
+from jobs.demo.stages import Stage
 from pipeline.conditions.degradations import SCALE
 
 EXPERIMENT = "demo-sr"
@@ -33,14 +32,7 @@ def folder(s) -> Path:
 
 
 def train(s, log_path: Path) -> dict:
-    run_dir = folder(s) / "ldm"
-    overrides = {"experiment": EXPERIMENT, "data.path": s.out / IMAGE_LATENTS, "run_dir": run_dir,
-                 "trainer.sample_autoencoder": s.out / "autoencoder" / "autoencoder", "logger.progress_bar": False,
-                 "data.seed": s.seed, **_steps(s.train_steps)}
-    run_logged("sr_ldm", [*launcher(NUM_RANKS), *job_args("train", overrides, s.out / "hydra" / "sr_ldm")],
-               log_path, JOB_ENV)
-    return {"run_dir": str(run_dir), "world_size": NUM_RANKS,
-            **metrics_summary(run_dir / "metrics.jsonl", "loss", "img_per_s")}
+    return train_image_task(s, "sr_ldm", EXPERIMENT, s.out / IMAGE_LATENTS, folder(s) / "ldm", log_path)
 
 
 def evaluate(s, log_path: Path) -> dict:
