@@ -98,7 +98,7 @@ def test_settings_errors_name_the_option():
         demo.parse_args(["--ae-steps", "2000"])
     settings, reuse, task = demo.parse_args(["--guidance-t-max", "none", "--train-steps", "7", "--fresh"])
     assert settings.guidance_t_max is None and settings.train_steps == 7 and reuse is False and task == "t2i"
-    assert demo.parse_args(["--task", "sr"])[2] == "sr"
+    assert demo.parse_args(["--task", "sr"])[2] == "sr" and demo.parse_args(["--task", "semantic"])[2] == "semantic"
     with pytest.raises(SystemExit):
         demo.parse_args(["--task", "inpaint"])  # argparse names the choices
 
@@ -112,6 +112,7 @@ SHARED_STAGES, SR_STAGES = STAGES[:3], ("image_latents", "sr_ldm", "sr_eval")
 SR_HEADLINE_KEYS = ("sr_psnr", "bicubic_psnr", "sr_ssim", "bicubic_ssim", "sr_fid", "autoencoder_psnr", "sr_check",
                     "stage_seconds", "report")
 SR_SECTIONS = ("Headline", "Stages", "Training curves", "Autoencoder reconstructions", "Super-resolution", "Settings")
+SEMANTIC_STAGES = ("sem_ldm", "sem_eval")
 
 
 @pytest.mark.slow
@@ -169,6 +170,24 @@ def test_demo_runs_every_stage_end_to_end_and_a_rerun_reuses_them(tmp_path, caps
     assert re.findall(r"^## (.+)$", text, flags=re.M) == list(SR_SECTIONS)
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (tmp_path / "demo" / link).is_file(), link
+
+    # --task semantic: the maps came through ingest and image_latents (reused from --task sr); the IoUs
+    # are those of the saved samples against the held-out scenes' maps, and against their neighbours'
+    demo.main([*args, "--task", "semantic"])
+    sem = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sem["stages_reused"] == [*SHARED_STAGES, "image_latents"]
+    assert set(sem["stage_seconds"]) == {*SHARED_STAGES, "image_latents", *SEMANTIC_STAGES}
+    from jobs.demo.inpainting import shape_pixels
+    from jobs.demo.semantic import iou
+
+    maps = np.stack([np.asarray(Image.open(tmp_path / "demo" / "data" / "maps" / f"{f.stem}.png")) > 0
+                     for f in held_out])
+    found = np.stack([shape_pixels(np.asarray(Image.open(tmp_path / "demo" / "semantic" / "eval" / "samples" /
+                                                         f"{i:06d}.png").convert("RGB"))) for i in range(len(held_out))])
+    assert sem["semantic_iou"] == pytest.approx(float(iou(found, maps).mean()), abs=1e-6)
+    assert sem["shuffled_iou"] == pytest.approx(float(iou(found, np.roll(maps, 1, axis=0)).mean()), abs=1e-6)
+    assert sem["semantic_check"]["passed"] == (sem["semantic_iou"] >= sem["shuffled_iou"] + 0.3)
+    assert "## Semantic synthesis" in (tmp_path / "demo" / "report-semantic.md").read_text()
 
 
 def _signed(images) -> torch.Tensor:
