@@ -327,3 +327,27 @@ def run_train(env, overrides: list[str]) -> int:
 
 def logged_losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def held_out_loss(models, run_dir: Path, data_cfg, shuffle: bool, loss_type: str = "l1") -> float:
+    """Eq. 2 of a run's last EMA weights on the loader's first batch, 8 noise draws, each sample with
+    its own spatial condition or (shuffle) with its neighbour's: how much the model uses it."""
+    from safetensors.torch import load_file
+
+    from jobs.checkpointing import CheckpointManager
+    from ldm.diffusion.objectives import diffusion_loss
+    from pipeline.latents.loader import LatentLoader
+
+    ema = load_file(str(CheckpointManager(run_dir / "checkpoints").latest() / "ema.safetensors"))
+    ema.pop("num_updates")
+    models.module.load_state_dict(ema, strict=False)
+    models.module.eval()
+    batch = next(iter(LatentLoader(data_cfg)))
+    with torch.no_grad():
+        c = models.frozen_conditioner(batch["concat"]) if models.frozen_conditioner is not None else batch["concat"]
+        if shuffle:
+            c = c.roll(1, dims=0)
+        generator = torch.Generator().manual_seed(0)
+        values = [diffusion_loss(lambda z_t, t_B: models.module(z_t, t_B, c), batch["z"], models.schedule,
+                                 loss_type=loss_type, generator=generator).mean() for _ in range(8)]
+    return float(torch.stack(values).mean())

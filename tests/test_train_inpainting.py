@@ -12,11 +12,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from factories import logged_losses, make_config, run_train, spatial_train_overrides, tiny_autoencoder
+from factories import held_out_loss, logged_losses, make_config, run_train, spatial_train_overrides, tiny_autoencoder
 from jobs.checkpointing import CheckpointManager
 from jobs.sample.conditions import inpainting_concat
 from jobs.train.setup import build_models
-from ldm.diffusion.objectives import diffusion_loss
 from ldm.presets import PRESETS
 from pipeline.conditions import condition_rng, make_condition
 from pipeline.conditions.masks import make_mask
@@ -140,20 +139,7 @@ def _held_out_loss(run_dir: Path, setup, shuffle: bool) -> float:
     latents, autoencoder = setup
     cfg = make_config(overrides_for(latents, run_dir, 1))
     models = build_models(cfg, torch.device("cpu"), first_stage=load_autoencoder(autoencoder)[0])
-    ema = load_file(str(CheckpointManager(run_dir / "checkpoints").latest() / "ema.safetensors"))
-    ema.pop("num_updates")
-    models.module.load_state_dict(ema, strict=False)
-    models.module.eval()
-    batch = next(iter(LatentLoader(cfg.data)))
-    with torch.no_grad():
-        c = models.frozen_conditioner(batch["concat"])
-    if shuffle:
-        c = c.roll(1, dims=0)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        values = [diffusion_loss(lambda z_t, t_B: models.module(z_t, t_B, c), batch["z"], models.schedule,
-                                 loss_type="l1", generator=generator).mean() for _ in range(8)]
-    return float(torch.stack(values).mean())
+    return held_out_loss(models, run_dir, cfg.data, shuffle)
 
 
 @pytest.mark.slow

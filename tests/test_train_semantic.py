@@ -13,12 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from factories import logged_losses, make_config, run_train, spatial_train_overrides
+from factories import held_out_loss, logged_losses, make_config, run_train, spatial_train_overrides
 
 from jobs.checkpointing import CheckpointManager
 from jobs.train.setup import build_models
 from ldm.diffusion.conditioners import SpatialRescaler
-from ldm.diffusion.objectives import diffusion_loss
 from ldm.presets import PRESETS
 from pipeline.latents.loader import LatentLoader
 from pipeline.shards import write_shard
@@ -142,20 +141,7 @@ def _held_out_loss(run_dir: Path, latent_dir: Path, shuffle: bool) -> float:
     """Eq. 2 (the preset's L1) of the run's EMA weights, 8 noise draws, each sample with its own map or
     with another sample's."""
     cfg = make_config(overrides_for(latent_dir, run_dir, 1))
-    models = build_models(cfg, torch.device("cpu"))
-    ema = load_file(str(CheckpointManager(run_dir / "checkpoints").latest() / "ema.safetensors"))
-    ema.pop("num_updates")
-    models.module.load_state_dict(ema, strict=False)
-    models.module.eval()
-    batch = next(iter(LatentLoader(cfg.data)))
-    one_hot = models.frozen_conditioner(batch["concat"])
-    if shuffle:
-        one_hot = one_hot.roll(1, dims=0)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        values = [diffusion_loss(lambda z_t, t_B: models.module(z_t, t_B, one_hot), batch["z"], models.schedule,
-                                 loss_type="l1", generator=generator).mean() for _ in range(8)]
-    return float(torch.stack(values).mean())
+    return held_out_loss(build_models(cfg, torch.device("cpu")), run_dir, cfg.data, shuffle)
 
 
 @pytest.mark.slow
