@@ -143,6 +143,21 @@ def iter_slice(source: ImageSource, rank: int, world_size: int, resolution: int 
         yield index, to_inception_input(image, resolution)
 
 
+def same_size_batches(images: Iterable[tuple[int, torch.Tensor]], batch_size: int,
+                      key: str) -> Iterator[tuple[list[int], np.ndarray]]:
+    """(global indices, uint8 [B, H, W, 3]) of `images` (iter_slice's pairs) in batches of one size;
+    ValueError naming `key` (the config entry of the set) when a batch mixes sizes."""
+    images = iter(images)
+    while chunk := [item for _, item in zip(range(batch_size), images)]:
+        indices = [index for index, _ in chunk]
+        arrays = [image.numpy().transpose(1, 2, 0) for _, image in chunk]
+        sizes = {x.shape[:2] for x in arrays}
+        if len(sizes) > 1:
+            raise ValueError(f"{key}: images {indices} have different sizes {sorted(sizes)}; give crops of one "
+                             "size (as precompute cuts them)")
+        yield indices, np.stack(arrays)
+
+
 # ------------------------------------------------------------------------------------ features
 
 

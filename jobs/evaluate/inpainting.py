@@ -25,6 +25,7 @@ from jobs.evaluate.fid import (
     compute_metrics,
     iter_slice,
     open_source,
+    same_size_batches,
     statistics,
     to_inception_input,
     to_pil,
@@ -79,18 +80,12 @@ def inpainting_slice(bundle, cfg, dist_info: DistInfo, lpips, scores: list,
         raise ValueError(f"masks={cfg.masks!r} holds {len(masks_source.files)} files for {len(source.files)} "
                          f"inpaint_images: give one mask per image (matched in sorted order)")
     given = iter_slice(masks_source, dist_info.rank, dist_info.world_size) if masks_source else None
-    while chunk := [item for _, item in zip(range(cfg.sampling.batch_size), images)]:
-        indices = [index for index, _ in chunk]
-        truth = [image.numpy().transpose(1, 2, 0) for _, image in chunk]
-        sizes = {x.shape[:2] for x in truth}
-        if len(sizes) > 1:
-            raise ValueError(f"inpaint_images={cfg.inpaint_images!r}: images {indices} have different sizes "
-                             f"{sorted(sizes)}; give crops of one size")
+    for indices, truth in same_size_batches(images, cfg.sampling.batch_size, f"inpaint_images={cfg.inpaint_images!r}"):
         shape = truth[0].shape[:2]
         setting = cfg.mask_setting or default_mask_setting(max(shape))
         masks = np.stack([_mask_of(next(given) if given else None, masks_source, i, _image_name(source, i), shape,
                                    setting, cfg.seed) for i in indices])
-        truth_signed = _signed(np.stack(truth))
+        truth_signed = _signed(truth)
         masks_N1HW = torch.from_numpy(masks).float()[:, None]
         out = generate(bundle, Conditions(images=truth_signed, masks=masks_N1HW), seeds_for(indices, cfg.seed),
                        cfg.sampling, dist_info.device).numpy()

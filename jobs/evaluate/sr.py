@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from jobs.distributed import DistInfo, all_gather_object
-from jobs.evaluate.fid import iter_slice, open_source, to_inception_input, to_pil
+from jobs.evaluate.fid import iter_slice, open_source, same_size_batches, to_inception_input, to_pil
 from jobs.sample.conditions import Conditions
 from jobs.sample.generate import generate, seeds_for
 from ldm.image_metrics import psnr, ssim
@@ -47,20 +47,14 @@ def sr_slice(bundle, cfg, dist_info: DistInfo, scores: list,
         folder.mkdir(parents=True, exist_ok=True)
     source = open_source(cfg.hr_images)
     hr_images = iter_slice(source, dist_info.rank, dist_info.world_size, None, cfg.num_samples)
-    while chunk := [item for _, item in zip(range(cfg.sampling.batch_size), hr_images)]:
-        indices = [index for index, _ in chunk]
-        hr = [image.numpy().transpose(1, 2, 0) for _, image in chunk]
-        sizes = {x.shape[:2] for x in hr}
-        if len(sizes) > 1:
-            raise ValueError(f"hr_images={cfg.hr_images!r}: images {indices} have different sizes {sorted(sizes)}; "
-                             "give HR images of one size (crop them as precompute does)")
+    for indices, hr in same_size_batches(hr_images, cfg.sampling.batch_size, f"hr_images={cfg.hr_images!r}"):
         if any(side % SCALE for side in hr[0].shape[:2]):
             raise ValueError(f"hr_images={cfg.hr_images!r}: image {indices[0]} is {hr[0].shape[0]}x{hr[0].shape[1]}, "
                              f"not a multiple of {SCALE}: crop the HR images to multiples of {SCALE}")
         low = np.stack([degrade(x, cfg.degradation, condition_rng(cfg.seed, 0, i)) for i, x in zip(indices, hr)])
         samples = generate(bundle, Conditions(images=_signed(low)), seeds_for(indices, cfg.seed), cfg.sampling,
                            dist_info.device).numpy()
-        scores.extend(zip(indices, _scores(samples, np.stack(hr), low)))
+        scores.extend(zip(indices, _scores(samples, hr, low)))
         for index, image_HW3, low_HW3 in zip(indices, samples, low):
             if save_to:
                 Image.fromarray(image_HW3).save(save_to[0] / f"{index:06d}.png")
