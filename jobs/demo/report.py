@@ -11,6 +11,7 @@ Curves are drawn with matplotlib, on a log loss axis.
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -252,3 +253,16 @@ def write_markdown(path: Path, lines: list[str]) -> Path:
     tmp.write_text("\n".join(lines))
     tmp.replace(path)
     return path
+
+
+def image_task_report(s, results: dict, runner, task: str, title: str, scores: list[str], loss_curve: tuple,
+                      pictures: Callable[[Path], list[str]]) -> Path:
+    """OUT/report-TASK.md of an image-conditioned demo task: its headline `scores`, the stages, the
+    autoencoder's and the task LDM's loss curves (`loss_curve`: one entry of `curves`), the
+    reconstructions, the task's `pictures(plots folder)` and the settings."""
+    plots = s.out / "report"
+    lines = [f"# Demo run report: {title}", "", f"In `{s.out}`: `python -m jobs.demo --task {task}` on the embedded "
+             "synthetic scenes, on CPU; see README.md.", ""]
+    lines += scores + _stages(s.out, results, runner) + curves(s.out, plots, [T2I_CURVES[0], loss_curve])
+    lines += _reconstructions(s.out, results) + pictures(plots) + _settings(s.out, s, runner, list(results))
+    return write_markdown(s.out / f"report-{task}.md", lines)

@@ -140,12 +140,6 @@ def _scores(results: dict, result: dict) -> list[str]:
 
 
 def write_report(s, results: dict, runner, result: dict) -> Path:
-    plots = s.out / "report"
-    lines = ["# Demo run report: semantic synthesis", "", f"In `{s.out}`: `python -m jobs.demo --task semantic` "
-             "on the embedded synthetic scenes, on CPU; see README.md.", ""]
-    lines += _scores(results, result) + report._stages(s.out, results, runner)
-    lines += report.curves(s.out, plots, [report.T2I_CURVES[0],
-                                          ("semantic/ldm", "loss", "semantic LDM: L1 diffusion loss", "loss")])
-    lines += report._reconstructions(s.out, results) + _pictures(s, results, plots)
-    lines += report._settings(s.out, s, runner, list(results))
-    return report.write_markdown(s.out / "report-semantic.md", lines)
+    return report.image_task_report(s, results, runner, "semantic", "semantic synthesis", _scores(results, result),
+                                    ("semantic/ldm", "loss", "semantic LDM: L1 diffusion loss", "loss"),
+                                    lambda plots: _pictures(s, results, plots))

@@ -128,13 +128,6 @@ def _scores(results: dict, result: dict) -> list[str]:
 
 
 def write_report(s, results: dict, runner, result: dict) -> Path:
-    plots = s.out / "report"
-    lines = ["# Demo run report: x4 super-resolution", "", f"In `{s.out}`: `python -m jobs.demo --task sr` on the "
-             "embedded synthetic scenes, on CPU; see README.md.", ""]
-    lines += _scores(results, result) + report._stages(s.out, results, runner)
-    lines += report.curves(s.out, plots, [report.T2I_CURVES[0],
-                                          ("sr/ldm", "loss", "SR LDM: diffusion loss (mean over ranks)", "loss")])
-    lines += report._reconstructions(s.out, results) + _pictures(s, results, plots)
-    lines += report._settings(s.out, s, runner, list(results))
-    return report.write_markdown(s.out / "report-sr.md", lines)
-
+    return report.image_task_report(s, results, runner, "sr", "x4 super-resolution", _scores(results, result),
+                                    ("sr/ldm", "loss", "SR LDM: diffusion loss (mean over ranks)", "loss"),
+                                    lambda plots: _pictures(s, results, plots))
