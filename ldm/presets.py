@@ -196,6 +196,11 @@ PRESETS: dict[str, LDMPreset] = {
     "demo-t2i": LDMPreset(
         UNetConfig(4, 4, context_dim=64, **{**DEBUG_UNET, "attention_ds": (1, 2)}), "debug-kl", 8,
         _linear(0.0015, 0.0195), ConditionerConfig("text", text=DEBUG_TEXT), scale_factor=None),
+    # The CPU demo's unconditional model (jobs.demo --task guiding, image guiding of App. C): 8x8x4 latents
+    # of the 32 px scenes, the unconditional models' schedule (Tab. 12), a KL first stage: the guider's
+    # gradient through a VQ decoder only moves a sample where a code flips.
+    "demo-uncond": LDMPreset(
+        UNetConfig(4, 4, **DEBUG_UNET), "debug-kl", 8, _linear(0.0015, 0.0195), scale_factor=None),
     "debug-sr": LDMPreset(
         UNetConfig(7, 4, **DEBUG_UNET), "debug-vq", 16, _linear(0.0015, 0.0155),
         ConditionerConfig("concat", concat_channels=3)),

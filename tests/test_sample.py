@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from factories import CONF, LAUNCHER_VARS, ROOT, assert_float32_close, perturb, tiny_bundle
+from factories import CONF, LAUNCHER_VARS, ROOT, assert_float32_close, perturb, tiny_bundle, write_lpips_files
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -30,8 +30,9 @@ from jobs.sample.generate import (
     initial_noise,
     sample_generators,
 )
-from jobs.sample.run import sample
+from jobs.sample.run import sample, write_png
 from ldm.diffusion.conditioners import ConcatConditioner
+from ldm.diffusion.guidance import downsample
 from ldm.diffusion.samplers import sample_ddim
 from ldm.diffusion.unet import UNet, UNetConfig
 from ldm.presets import DEBUG_UNET, PRESETS, ConditionerConfig, LDMPreset
@@ -386,3 +387,71 @@ def test_job_samples_from_map_files_and_names_a_map_with_a_class_beyond_the_mode
     with pytest.raises(ValueError, match=r"d.png is a RGB image, not a map of class ids"):
         sample(job_config(source=semantic, out_dir=tmp_path / "out3", maps=maps, num_per_prompt=1))
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
+
+
+def _guide_files(folder: Path, colours, size: int = 8) -> Path:
+    folder.mkdir()
+    for k, colour in enumerate(colours):
+        Image.new("RGB", (size, size), colour).save(folder / f"{k}.png")
+    return folder
+
+
+def _signed(pngs: dict) -> torch.Tensor:
+    return torch.from_numpy(np.stack(list(pngs.values()))).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def test_image_guiding_pulls_an_unconditional_models_samples_to_their_targets(tmp_path):
+    """App. C, Eq. 17 in jobs.sample: guide_images (one target per row of an unconditional model: 32 px samples
+    downsampled x4 to 8 px targets, themselves the model's samples of other seeds, so reachable) bring the
+    samples' low-pass closer to the targets than the same seeds unguided; samples.json records each target;
+    the LPIPS guider runs from weight files."""
+    uncond = save_ldm(tiny_bundle("demo-uncond"), tmp_path / "uncond")  # KL first stage (a VQ one quantises)
+    common = {"source": uncond, "num_per_prompt": 1, "sampling.num_steps": 8}
+    sample(job_config(out_dir=tmp_path / "ref", num_samples=2, seed=50, **common))
+    references = _signed(read_pngs(tmp_path / "ref"))
+    for folder, images in (("targets", downsample(references, 4)), ("targets32", references)):
+        (tmp_path / folder).mkdir()
+        for k, image in enumerate(images):
+            write_png(tmp_path / folder / f"{k}.png", ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0))
+    sample(job_config(out_dir=tmp_path / "plain", num_samples=2, **common))
+    guide = {"guide_images": tmp_path / "targets", "sampling.image_guidance_scale": 2.0,
+             "sampling.image_guidance_downsample": 4}
+    sample(job_config(out_dir=tmp_path / "guided", **common, **guide))
+    saved = _signed(read_pngs(tmp_path / "targets"))
+    plain, guided = (downsample(_signed(read_pngs(tmp_path / name)), 4) for name in ("plain", "guided"))
+    assert (guided - saved).square().mean() < 0.7 * (plain - saved).square().mean()
+    record = json.loads((tmp_path / "guided" / "samples.json").read_text())
+    assert [Path(s["guide_image"]).name for s in record["samples"]] == ["0.png", "1.png"]
+    assert record["sampling"]["image_guidance_scale"] == 2.0
+    vgg, heads = write_lpips_files(tmp_path / "lpips")
+    sample(job_config(out_dir=tmp_path / "lpips_out", lpips_vgg_path=vgg, lpips_heads_path=heads, **common,
+                      guide_images=tmp_path / "targets32", **{"sampling.image_guidance_loss": "lpips",
+                                                              "sampling.image_guidance_scale": 2.0}))
+    assert len(read_pngs(tmp_path / "lpips_out")) == 2
+
+
+def test_image_guiding_bad_requests_fail_before_any_sample(tmp_path):
+    uncond = save_ldm(tiny_bundle("debug-uncond"), tmp_path / "uncond")
+    targets = _guide_files(tmp_path / "targets", [(230, 30, 30)], size=20)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"RGB targets of 16x16 px; give targets of that size"):  # 64 px / 4
+        sample(job_config(source=uncond, out_dir=out, guide_images=targets, **{
+            "sampling.image_guidance_scale": 1.0, "sampling.image_guidance_downsample": 4}))
+    assert not out.exists()
+    with pytest.raises(ValueError, match="image guiding needs both"):
+        job_config(source=uncond, out_dir=out, guide_images=targets)
+    with pytest.raises(ValueError, match="image guiding needs both"):
+        job_config(source=uncond, out_dir=out, num_samples=2, **{"sampling.image_guidance_scale": 1.0})
+    cin = save_ldm(tiny_bundle("debug-cin"), tmp_path / "cin")
+    with pytest.raises(ValueError, match="1 guide_images for 2 conditions"):
+        sample(job_config(source=cin, out_dir=out, class_ids="[1,2]", guide_images=targets,
+                          **{"sampling.image_guidance_scale": 1.0}))
+    with pytest.raises(ValueError, match=r"LPIPS compares images of at least 16 px, the guide targets are 8x8"):
+        sample(job_config(source=save_ldm(tiny_bundle("demo-uncond"), tmp_path / "small"), out_dir=out,
+                          guide_images=_guide_files(tmp_path / "eight", [(0, 0, 0)]), **{
+                              "sampling.image_guidance_scale": 1.0, "sampling.image_guidance_downsample": 4,
+                              "sampling.image_guidance_loss": "lpips"}))
+    with pytest.raises(ValueError, match="lpips_vgg_path.*or set sampling.image_guidance_loss=l2"):
+        sample(job_config(source=uncond, out_dir=out, guide_images=_guide_files(tmp_path / "64", [(0, 0, 0)], 64),
+                          lpips_vgg_path=tmp_path / "none.pth",
+                          **{"sampling.image_guidance_scale": 1.0, "sampling.image_guidance_loss": "lpips"}))

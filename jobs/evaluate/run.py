@@ -59,7 +59,7 @@ from jobs.sample.config import SampleConfig
 from jobs.sample.generate import generate, seeds_for
 from jobs.sample.run import build_plan, check_maps
 from pipeline.models.bundle import LDMBundle, load_ldm
-from pipeline.models.weights import load_lpips
+from pipeline.models.weights import load_lpips_or_explain
 from pipeline.shards import atomic_write_json
 
 METRICS_JSON = "metrics.json"
@@ -164,15 +164,6 @@ def _log(cfg: EvaluateConfig, out_dir: Path, metrics: dict, step: int) -> None:
     logger.close()
 
 
-def load_lpips_or_explain(cfg: EvaluateConfig):
-    """LPIPS-VGG from lpips_vgg_path / lpips_heads_path (or their defaults); ValueError saying what to set."""
-    try:
-        return load_lpips(cfg.lpips_vgg_path, cfg.lpips_heads_path)
-    except ValueError as err:
-        message = str(err).replace("vgg_path", "lpips_vgg_path").replace("heads_path", "lpips_heads_path")
-        raise ValueError(f"{message}; or set lpips=false to score FID only") from None
-
-
 def output_dir(cfg: EvaluateConfig) -> Path:
     """out_dir, else Hydra's folder of this run or sweep point (rank 0's: each rank names its own)."""
     if cfg.out_dir is None and not HydraConfig.initialized():
@@ -187,7 +178,8 @@ def _evaluate(cfg: EvaluateConfig, dist_info: DistInfo) -> dict | None:
     extractor, identity = load_extractor(cfg.inception, dist_info)
     ours = {**identity, "resize": resize_method(cfg.resolution), "resolution": cfg.resolution}
     if cfg.inpaint_images is not None:
-        lpips = load_lpips_or_explain(cfg) if cfg.lpips else None
+        lpips = (load_lpips_or_explain(cfg.lpips_vgg_path, cfg.lpips_heads_path, "set lpips=false to score FID only")
+                 if cfg.lpips else None)
         reference = {"path": str(Path(cfg.inpaint_images).resolve()), "source": "the inpainted images' originals"}
     else:
         reference = {**check_reference(cfg.reference_stats, ours), "path": str(Path(cfg.reference_stats).resolve())}

@@ -38,12 +38,15 @@ class Conditions:
     images: [N, 3, H, W] in [-1, 1] (SR: the low-res input; inpainting: the image to complete).
     masks: [N, 1, H, W] in {0, 1}, 1 = the region to generate (inpainting only, with `images`).
     maps: [N, H, W] integer class ids at image size (semantic synthesis).
+    guide_targets: [N, 3, h, w] in [-1, 1], the images y of image guiding (App. C, Eq. 17), with any model:
+        sampling.image_guidance_scale > 0 pulls T(D(z0_hat)) towards them (jobs.sample.generate).
     """
     prompts: list[str] | None = None
     class_ids: list[int] | None = None
     images: Tensor | None = None
     masks: Tensor | None = None
     maps: Tensor | None = None
+    guide_targets: Tensor | None = None
 
     def given(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
@@ -65,7 +68,7 @@ def conditioner_kind(bundle) -> str:
 
 def check_conditions(bundle, conditions: Conditions, num_seeds: int) -> None:
     """ValueError naming what to pass when `conditions` do not fit the model or the seeds."""
-    kind, given = conditioner_kind(bundle), conditions.given()
+    kind, given = conditioner_kind(bundle), [name for name in conditions.given() if name != "guide_targets"]
     expected = KIND_INPUTS[kind]
     wrong = [name for name in given if name not in expected]
     if wrong:

@@ -2,7 +2,7 @@
 
 What to sample from (`source`, `weights`, `autoencoder`), what to condition on (exactly one of
 `prompts`, `prompt_file`, `class_ids`, `images` [+ `masks`], `maps`, or nothing for unconditional models with
-`num_samples`), how many (`num_per_prompt` per condition), which global indices (`indices`, default
+`num_samples`; `guide_images` adds image guiding to any of them), how many (`num_per_prompt` per condition), which global indices (`indices`, default
 all), where (`out_dir`), and how (`sampling`, jobs.sample.generate.SamplingConfig). Checks that need no
 model run here and raise ValueError naming the key; the model-dependent ones run before any sampling.
 """
@@ -27,6 +27,10 @@ class SampleConfig:
     images: str | None = None            # SR: low-res inputs; inpainting: images to complete (a file or folder)
     masks: str | None = None             # inpainting: masks (white = generate), same count and order as images
     maps: str | None = None              # semantic: segmentation maps (8-bit grey PNG of class ids; a file or folder)
+    guide_images: str | None = None      # image guiding (App. C): one target per condition (per row alone when
+                                         # unconditional), with sampling.image_guidance_scale > 0
+    lpips_vgg_path: str | None = None    # sampling.image_guidance_loss=lpips: torchvision's VGG16 file; None: hub cache
+    lpips_heads_path: str | None = None  # ... and the LPIPS v0.1 heads; None: the installed lpips package's
     num_per_prompt: int = 4              # samples per prompt / class / image
     num_samples: int | None = None       # unconditional models: how many samples
     seed: int = 0                        # sample seed = seed + global index
@@ -36,8 +40,11 @@ class SampleConfig:
     progress_bar: bool = True
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
+    def given_conditions(self) -> list[str]:
+        return [k for k in ("prompts", "prompt_file", "class_ids", "images", "maps") if getattr(self, k) is not None]
+
     def __post_init__(self):
-        given = [k for k in ("prompts", "prompt_file", "class_ids", "images", "maps") if getattr(self, k) is not None]
+        given = self.given_conditions()
         checks = [
             (len(given) <= 1, f"set only one of prompts, prompt_file, class_ids, images, maps (got {given})"),
             (self.masks is None or self.images is not None, "masks=... needs images=... (the images to inpaint)"),
@@ -46,6 +53,11 @@ class SampleConfig:
             (self.num_samples is None or self.num_samples >= 1, f"num_samples={self.num_samples}: must be >= 1"),
             (self.num_samples is None or not given,
              f"num_samples is for unconditional models; with {given[0] if given else ''} use num_per_prompt"),
+            (self.num_samples is None or self.guide_images is None,
+             "num_samples and guide_images are both set: with guide_images each target makes num_per_prompt samples"),
+            ((self.guide_images is None) == (self.sampling.image_guidance_scale == 0),
+             f"guide_images={self.guide_images!r} with sampling.image_guidance_scale="
+             f"{self.sampling.image_guidance_scale}: image guiding needs both (targets and a scale > 0), or neither"),
             (self.seed >= 0, f"seed={self.seed}: must be >= 0"),
             (self.indices is None or (self.indices and min(self.indices) >= 0),
              f"indices={self.indices}: non-negative global sample indices"),

@@ -29,12 +29,14 @@ from jobs.sample.conditions import (
     unet_with_conditions,
 )
 from ldm.autoencoder.config import AUTOENCODER_PRESETS
-from ldm.diffusion.guidance import classifier_free_guidance
+from ldm.diffusion.guidance import classifier_free_guidance, gradient_guidance, image_guide
 from ldm.diffusion.objectives import Model
 from ldm.diffusion.samplers import SAMPLERS
 
 PRECISIONS = ("fp32", "bf16")
 OUTPUTS = ("images", "latents")
+IMAGE_GUIDANCE_LOSSES = ("l2", "lpips")
+LPIPS_MIN_SIDE = 16  # VGG16's fourth pooling leaves 1 px of a 16 px image
 MAX_SEED = 2**63
 
 
@@ -51,6 +53,10 @@ class SamplingConfig:
     height: int | None = None             # image pixels; None: the training size (latent side x f)
     width: int | None = None
     batch_size: int = 16                  # samples per UNet batch (twice that with guidance)
+    # Image guiding (App. C, Eq. 17): eps - scale * sigma_t * grad log p(y | T(D(z0_hat))), y the guide targets
+    image_guidance_scale: float = 0.0     # 0: off; > 0 needs one guide target per sample (jobs.sample guide_images=)
+    image_guidance_downsample: int = 1    # T: anti-aliased bicubic downsampling by this factor (1: identity)
+    image_guidance_loss: str = "l2"       # l2: -1/2 ||y - T(x)||^2 | lpips: -LPIPS(T(x), y) (needs its weights)
 
     def __post_init__(self):
         checks = [
@@ -64,6 +70,12 @@ class SamplingConfig:
             (self.clip_x0 is None or self.clip_x0 > 0, f"sampling.clip_x0={self.clip_x0}: positive, or null"),
             (self.precision in PRECISIONS, f"sampling.precision={self.precision!r}: use one of {PRECISIONS}"),
             (self.batch_size >= 1, f"sampling.batch_size={self.batch_size}: must be >= 1"),
+            (self.image_guidance_scale >= 0,
+             f"sampling.image_guidance_scale={self.image_guidance_scale}: must be >= 0 (0: off)"),
+            (self.image_guidance_downsample >= 1,
+             f"sampling.image_guidance_downsample={self.image_guidance_downsample}: an integer factor >= 1"),
+            (self.image_guidance_loss in IMAGE_GUIDANCE_LOSSES,
+             f"sampling.image_guidance_loss={self.image_guidance_loss!r}: use one of {IMAGE_GUIDANCE_LOSSES}"),
         ]
         checks += [(side is None or side > 0, f"sampling.{key}={side}: positive pixels, or null for the "
                     "training size") for key, side in (("height", self.height), ("width", self.width))]
@@ -141,7 +153,31 @@ def check_request(bundle, conditions: Conditions, seeds: Sequence[int], cfg: Sam
     if bundle.preset.conditioner.kind == "none" and cfg.guidance_scale != 1.0:
         raise ValueError(f"sampling.guidance_scale={cfg.guidance_scale}: preset {bundle.preset_name!r} is "
                          "unconditional, there is nothing to guide with; set sampling.guidance_scale=1")
-    image_size(bundle, cfg, conditions)
+    size = image_size(bundle, cfg, conditions)
+    _check_guide(cfg, conditions, size)
+
+
+def _check_guide(cfg: SamplingConfig, conditions: Conditions, size: tuple[int, int]) -> None:
+    targets, factor = conditions.guide_targets, cfg.image_guidance_downsample
+    if cfg.image_guidance_scale == 0:
+        if targets is not None:
+            raise ValueError("guide targets given but sampling.image_guidance_scale=0: set a scale > 0 to guide, "
+                             "or drop the targets")
+        return
+    if targets is None:
+        raise ValueError(f"sampling.image_guidance_scale={cfg.image_guidance_scale} needs a guide target per sample "
+                         "(jobs.sample guide_images=FILE_OR_FOLDER)")
+    if size[0] % factor or size[1] % factor:
+        raise ValueError(f"sampling.image_guidance_downsample={factor} does not divide the image size "
+                         f"{size[0]}x{size[1]}: choose a factor of both sides")
+    wanted = (size[0] // factor, size[1] // factor)
+    if targets.ndim != 4 or targets.shape[1] != 3 or tuple(targets.shape[-2:]) != wanted:
+        raise ValueError(f"guide targets {tuple(targets.shape)}: image guiding compares the {size[0]}x{size[1]} "
+                         f"samples downsampled by {factor} with RGB targets of {wanted[0]}x{wanted[1]} px; give targets "
+                         "of that size, or set sampling.image_guidance_downsample to the ratio of the sizes")
+    if cfg.image_guidance_loss == "lpips" and min(wanted) < LPIPS_MIN_SIDE:
+        raise ValueError(f"LPIPS compares images of at least {LPIPS_MIN_SIDE} px, the guide targets are "
+                         f"{wanted[0]}x{wanted[1]}: lower sampling.image_guidance_downsample or use image_guidance_loss=l2")
 
 
 def sample_generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -155,14 +191,24 @@ def initial_noise(generators: Sequence[torch.Generator], latent_chw: tuple[int, 
 
 
 def guided_model(bundle, conditions: Conditions, cfg: SamplingConfig, latent_hw: tuple[int, int],
-                 device: torch.device) -> Model:
-    """model(z_t, t) for the sampler: the UNet with this batch's conditions and guidance."""
+                 device: torch.device, lpips=None) -> Model:
+    """model(z_t, t) for the sampler: the UNet with this batch's conditions, classifier-free guidance and,
+    with guide targets, image guiding on top (App. C)."""
     pair = condition_pair(bundle, conditions, latent_hw, device)
     if pair is None:
-        return lambda z_t_BCHW, t_B: bundle.unet(z_t_BCHW, t_B)
-    cond, uncond = pair
-    return classifier_free_guidance(unet_with_conditions(bundle.unet), cond, uncond, cfg.guidance_scale,
-                                    t_max=cfg.guidance_t_max)
+        model = lambda z_t_BCHW, t_B: bundle.unet(z_t_BCHW, t_B)  # noqa: E731
+    else:
+        model = classifier_free_guidance(unet_with_conditions(bundle.unet), pair[0], pair[1], cfg.guidance_scale,
+                                         t_max=cfg.guidance_t_max)
+    if conditions.guide_targets is None or cfg.image_guidance_scale == 0:
+        return model
+    if cfg.image_guidance_loss == "lpips" and lpips is None:
+        raise ValueError("sampling.image_guidance_loss=lpips needs the LPIPS network: pass lpips= "
+                         "(pipeline.models.weights.load_lpips)")
+    distance = lpips.to(device) if cfg.image_guidance_loss == "lpips" else None
+    log_p = image_guide(lambda z: bundle.autoencoder.decode(z / bundle.scale_factor), conditions.guide_targets.to(device),
+                        downsample_factor=cfg.image_guidance_downsample, distance=distance)
+    return gradient_guidance(model, log_p, bundle.schedule, cfg.image_guidance_scale, objective=bundle.objective)
 
 
 def _autocast(precision: str, device: torch.device):
@@ -181,12 +227,12 @@ def decode(bundle, z_BCHW: Tensor) -> Tensor:
 
 @torch.no_grad()
 def _generate_batch(bundle, conditions: Conditions, seeds: list[int], cfg: SamplingConfig,
-                    device: torch.device, latent_chw: tuple[int, int, int], output: str) -> Tensor:
+                    device: torch.device, latent_chw: tuple[int, int, int], output: str, lpips=None) -> Tensor:
     generators = sample_generators(seeds)
     z_T = initial_noise(generators, latent_chw).to(device)
     eta = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
     with _autocast(cfg.precision, device):
-        model = guided_model(bundle, conditions, cfg, latent_chw[1:], device)
+        model = guided_model(bundle, conditions, cfg, latent_chw[1:], device, lpips)
         z_0 = SAMPLERS[cfg.sampler](model, z_T, bundle.schedule, num_steps=cfg.num_steps,
                                     objective=bundle.objective, clip_x0=cfg.clip_x0, generator=generators, **eta)
     if output == "latents":
@@ -199,13 +245,14 @@ def _generate_batch(bundle, conditions: Conditions, seeds: list[int], cfg: Sampl
 
 
 def generate(bundle, conditions: Conditions, seeds: Sequence[int], cfg: SamplingConfig, device: torch.device,
-             *, output: str = "images", progress: Callable[[int], None] | None = None) -> Tensor:
+             *, output: str = "images", progress: Callable[[int], None] | None = None, lpips=None) -> Tensor:
     """Sample len(seeds) images from `bundle` (a pipeline.models.bundle.LDMBundle), sample i from seeds[i]
     and the i-th entry of `conditions`, in batches of cfg.batch_size on `device`.
 
     output="images": uint8 [N, H, W, 3] on the CPU (RGB, what PIL saves); needs bundle.autoencoder.
     output="latents": float32 [N, C, h, w] on the CPU, z_0 as the model sees it (scaled, App. G).
     progress(k) is called after each batch with the k samples it made. The bundle is moved to `device`.
+    lpips: the LPIPS network of sampling.image_guidance_loss=lpips.
     ValueError (before any work) for conditions that do not fit the model, sizes that are not
     multiples of f x the UNet's downsampling, or a missing autoencoder.
     """
@@ -219,7 +266,7 @@ def generate(bundle, conditions: Conditions, seeds: Sequence[int], cfg: Sampling
     for start in range(0, len(seeds), cfg.batch_size):
         stop = min(start + cfg.batch_size, len(seeds))
         batches.append(_generate_batch(bundle, conditions.select(start, stop), seeds[start:stop], cfg, device,
-                                       latent_chw, output))
+                                       latent_chw, output, lpips))
         if progress is not None:
             progress(stop - start)
     if not batches:

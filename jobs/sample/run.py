@@ -39,6 +39,7 @@ from jobs.sample.generate import (
     image_size,
     seeds_for,
 )
+from pipeline.models.weights import load_lpips_or_explain
 from pipeline.shards import atomic_write_bytes, atomic_write_json
 
 SAMPLES_FORMAT = "ldm-pipeline/samples"
@@ -56,17 +57,23 @@ class SamplePlan:
     values: list | torch.Tensor | None  # per condition: what `Conditions` takes
     masks: torch.Tensor | None = None
     mask_labels: list | None = None
+    guide_targets: torch.Tensor | None = None  # per condition (per row when unconditional): image guiding
+    guide_labels: list | None = None
 
     def conditions(self, indices: list[int]) -> Conditions:
         rows = [i // self.per_condition for i in indices]
+        guides = None if self.guide_targets is None else self.guide_targets[rows]
         if self.key is None:
-            return Conditions()
+            return Conditions(guide_targets=guides)
         if self.key == "image":
-            return Conditions(images=self.values[rows], masks=None if self.masks is None else self.masks[rows])
+            return Conditions(images=self.values[rows], masks=None if self.masks is None else self.masks[rows],
+                              guide_targets=guides)
         if self.key == "map":
-            return Conditions(maps=self.values[rows])
+            return Conditions(maps=self.values[rows], guide_targets=guides)
         values = [self.values[r] for r in rows]
-        return Conditions(prompts=values) if self.key == "prompt" else Conditions(class_ids=values)
+        if self.key == "prompt":
+            return Conditions(prompts=values, guide_targets=guides)
+        return Conditions(class_ids=values, guide_targets=guides)
 
     def record(self, index: int, seed: int) -> dict:
         out = {"index": index, "file": png_name(index), "seed": seed}
@@ -74,6 +81,8 @@ class SamplePlan:
             out[self.key] = self.labels[index // self.per_condition]
         if self.masks is not None:
             out["mask"] = self.mask_labels[index // self.per_condition]
+        if self.guide_targets is not None:
+            out["guide_image"] = self.guide_labels[index // self.per_condition]
         return out
 
 
@@ -133,7 +142,22 @@ def check_maps(bundle, plan: SamplePlan, key: str = "maps") -> None:
 
 
 def build_plan(cfg: SampleConfig) -> SamplePlan:
-    """The conditions the command line names, read once (every rank reads the same files)."""
+    """The conditions the command line names, read once (every rank reads the same files), with the
+    guide targets of image guiding: one per condition, or the rows themselves for an unconditional model."""
+    if cfg.guide_images is None:
+        return _condition_plan(cfg)
+    files = _image_files(cfg.guide_images, "guide_images")
+    plan = _condition_plan(cfg) if cfg.given_conditions() else SamplePlan(len(files) * cfg.num_per_prompt,
+                                                                          cfg.num_per_prompt, None, [], None)
+    rows = plan.total // plan.per_condition
+    if plan.key is not None and len(files) != rows:
+        raise ValueError(f"{len(files)} guide_images for {rows} conditions: give one guide target per condition, "
+                         "in the same order")
+    plan.guide_targets, plan.guide_labels = _load_images(files, "RGB", "guide_images"), [str(f) for f in files]
+    return plan
+
+
+def _condition_plan(cfg: SampleConfig) -> SamplePlan:
     n = cfg.num_per_prompt
     if cfg.prompts is not None or cfg.prompt_file is not None:
         prompts = list(cfg.prompts) if cfg.prompts is not None else _read_prompts(cfg.prompt_file)
@@ -221,12 +245,14 @@ def _progress_bar(enabled: bool, total: int):
     return tqdm(total=total, unit="sample", desc="rank 0", dynamic_ncols=True)
 
 
-def _sample_my_share(cfg: SampleConfig, bundle, plan: SamplePlan, indices: list[int], dist_info: DistInfo) -> None:
+def _sample_my_share(cfg: SampleConfig, bundle, plan: SamplePlan, indices: list[int], dist_info: DistInfo,
+                     lpips=None) -> None:
     mine = indices[dist_info.rank::dist_info.world_size]
     bar = _progress_bar(cfg.progress_bar and dist_info.is_main, len(mine))
     for start in range(0, len(mine), cfg.sampling.batch_size):
         batch = mine[start:start + cfg.sampling.batch_size]
-        images = generate(bundle, plan.conditions(batch), seeds_for(batch, cfg.seed), cfg.sampling, dist_info.device)
+        images = generate(bundle, plan.conditions(batch), seeds_for(batch, cfg.seed), cfg.sampling, dist_info.device,
+                          lpips=lpips)
         for index, image in zip(batch, images):
             write_png(Path(cfg.out_dir) / png_name(index), image)
         if bar is not None:
@@ -261,6 +287,10 @@ def sample(cfg: SampleConfig) -> dict | None:
         check_request(bundle, first, seeds_for(indices[:1], cfg.seed), cfg.sampling)  # fails before any work
         if plan.key == "map":
             check_maps(bundle, plan)
+        lpips = None
+        if cfg.sampling.image_guidance_scale > 0 and cfg.sampling.image_guidance_loss == "lpips":
+            lpips = load_lpips_or_explain(cfg.lpips_vgg_path, cfg.lpips_heads_path,
+                                          "set sampling.image_guidance_loss=l2")
         size = image_size(bundle, cfg.sampling, first)
         out_dir = Path(cfg.out_dir)
         header = run_header(cfg, bundle, size)
@@ -269,7 +299,7 @@ def sample(cfg: SampleConfig) -> dict | None:
         print0(f"sampling {len(indices)} images of {size[0]}x{size[1]} from {describe(bundle)} on "
                f"{dist_info.world_size} rank(s) into {out_dir}")
         start = time.perf_counter()
-        _sample_my_share(cfg, bundle, plan, indices, dist_info)
+        _sample_my_share(cfg, bundle, plan, indices, dist_info, lpips)
         barrier()
         seconds = time.perf_counter() - start
         if dist_info.is_main:

@@ -95,3 +95,13 @@ def load_lpips(vgg_path: str | None = None, heads_path: str | None = None,
     vgg_state_dict = load_state_dict(find_vgg16_weights(vgg_path, allow_download))
     heads_state_dict = load_state_dict(find_lpips_heads(heads_path))
     return LPIPS().load_state_dicts(vgg_state_dict, heads_state_dict)
+
+
+def load_lpips_or_explain(vgg_path: str | None, heads_path: str | None, alternative: str) -> LPIPS:
+    """load_lpips for a job whose keys are lpips_vgg_path / lpips_heads_path: a ValueError names those
+    keys and `alternative` (what to set instead, e.g. "set lpips=false to score FID only")."""
+    try:
+        return load_lpips(vgg_path, heads_path)
+    except ValueError as err:
+        message = str(err).replace("vgg_path", "lpips_vgg_path").replace("heads_path", "lpips_heads_path")
+        raise ValueError(f"{message}; or {alternative}") from None
