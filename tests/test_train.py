@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from jobs.checkpointing import TMP_PREFIX, CheckpointManager
 from jobs.train.loop import NonFiniteLossError, train
+from ldm.presets import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,27 @@ def test_experiments_compose_and_validate(experiment):
     assert cfg.model.preset == {"demo": "demo-t2i", "t2i-1.45b": "ldm-kl8-t2i-1.45b"}[experiment]
     if experiment == "t2i-1.45b":  # Tab. 15
         assert (cfg.optim.lr, cfg.trainer.max_steps, cfg.trainer.global_batch_size) == (1e-4, 390_000, 680)
+
+
+PAPER_EXPERIMENTS = {"cin-ldm4": ("ldm-vq4-cin", 250, 1.5), "cin-ldm8": ("ldm-vq8-cin", 200, 1.0),
+                     "celebahq": ("ldm-vq4-celebahq", 500, 1.0), "ffhq": ("ldm-vq4-ffhq", 200, 1.0),
+                     "churches": ("ldm-kl8-churches", 200, 1.0), "bedrooms": ("ldm-vq4-bedrooms", 200, 1.0)}
+
+
+@pytest.mark.parametrize("experiment", sorted(PAPER_EXPERIMENTS))
+def test_class_and_unconditional_experiments_train_with_their_presets_table_settings(experiment):
+    """Tab. 3 / 10 / 12: each experiment's batch, steps and learning rate are its preset's (the paper's), and
+    it samples with the paper's steps and guidance; the global batch divides into the per-GPU batches."""
+    preset_name, steps, guidance = PAPER_EXPERIMENTS[experiment]
+    cfg = make_config([f"experiment={experiment}", "data.path=data/latents"])
+    preset = PRESETS[preset_name]
+    assert cfg.model.preset == preset_name
+    assert (cfg.trainer.global_batch_size, cfg.trainer.max_steps) == (preset.batch_size, preset.num_train_steps)
+    assert preset.learning_rate is None or cfg.optim.lr == preset.learning_rate
+    assert (cfg.trainer.sample_steps, cfg.trainer.guidance_scale) == (steps, guidance)
+    assert cfg.trainer.global_batch_size % cfg.data.batch_size == 0
+    assert cfg.condition_key == ("label" if preset.conditioner.kind == "class" else None)
+    assert cfg.model.cond_dropout == (0.1 if preset.conditioner.kind == "class" else 0.0)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
