@@ -132,6 +132,7 @@ LAYOUT_TRANSFORMER = TextTransformerConfig(vocab_size=8192, max_length=92, width
 # Debug text encoder: the OpenCLIP BPE vocabulary (ships with open_clip, works offline), short captions.
 DEBUG_TEXT = TextTransformerConfig(vocab_size=49408, max_length=16, width=64, depth=2, num_heads=4, head_dim=16,
                                    empty_ids=(49406, 49407))
+UNET_UNCOND_VQ4 = UNetConfig(3, 3, 224, (1, 2, 3, 4), 2, (8, 4, 2), num_head_channels=32)
 DEBUG_UNET = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_ds=(2,), num_head_channels=16)
 
 PRESETS: dict[str, LDMPreset] = {
@@ -140,22 +141,30 @@ PRESETS: dict[str, LDMPreset] = {
         "kl-f8", 32, _linear(0.00085, 0.012), ConditionerConfig("text", text=BERT_1P45B),
         scale_factor=0.18215, paper_num_params=1.45e9, batch_size=680, learning_rate=1.0e-4,
         num_train_steps=390_000),
+    # The unconditional LDM-4 of Tab. 12: CelebA-HQ, FFHQ and LSUN-Bedrooms share the network and differ in
+    # their training setup.
     "ldm-vq4-celebahq": LDMPreset(
-        UNetConfig(3, 3, 224, (1, 2, 3, 4), 2, (8, 4, 2), num_head_channels=32),
-        "vq-f4", 64, _linear(0.0015, 0.0195), paper_num_params=274e6),
+        UNET_UNCOND_VQ4, "vq-f4", 64, _linear(0.0015, 0.0195), paper_num_params=274e6,
+        batch_size=48, learning_rate=9.6e-5, num_train_steps=410_000),
+    "ldm-vq4-ffhq": LDMPreset(
+        UNET_UNCOND_VQ4, "vq-f4", 64, _linear(0.0015, 0.0195), paper_num_params=274e6,
+        batch_size=42, learning_rate=8.4e-5, num_train_steps=635_000),
+    "ldm-vq4-bedrooms": LDMPreset(
+        UNET_UNCOND_VQ4, "vq-f4", 64, _linear(0.0015, 0.0195), paper_num_params=274e6,
+        batch_size=48, learning_rate=9.6e-5, num_train_steps=1_900_000),
     "ldm-kl8-churches": LDMPreset(
         UNetConfig(4, 4, 192, (1, 2, 2, 4, 4), 2, (1, 2, 4, 8), num_heads=8, use_scale_shift_norm=True,
                    resblock_updown=True),
         "kl-f8", 32, _linear(0.0015, 0.0155), loss_type="l1", scale_factor=None, paper_num_params=294e6,
-        batch_size=96, learning_rate=5.0e-5),
+        batch_size=96, learning_rate=5.0e-5, num_train_steps=500_000),
     "ldm-vq4-cin": LDMPreset(
         UNetConfig(3, 3, 192, (1, 2, 3, 5), 2, (8, 4, 2), num_heads=1, context_dim=512),
         "vq-f4", 64, _linear(0.0015, 0.0195), ConditionerConfig("class", num_classes=1000, embed_dim=512),
-        paper_num_params=395e6),
+        paper_num_params=395e6, batch_size=1200, learning_rate=1.0e-4, num_train_steps=178_000),
     "ldm-vq8-cin": LDMPreset(
         UNetConfig(4, 4, 256, (1, 2, 4), 2, (4, 2, 1), num_head_channels=32, context_dim=512),
         "vq-f8", 32, _linear(0.0015, 0.0195), ConditionerConfig("class", num_classes=1000, embed_dim=512),
-        paper_num_params=395e6),
+        paper_num_params=395e6, batch_size=64, num_train_steps=2_900_000),
     "ldm-vq4-sr": LDMPreset(
         UNetConfig(6, 3, 160, (1, 2, 2, 4), 2, (8,), num_head_channels=32),
         "vq-f4", 64, _linear(0.0015, 0.0155), ConditionerConfig("concat", concat_channels=3),
