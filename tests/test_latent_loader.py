@@ -120,23 +120,28 @@ def test_vq_latents_shapes_dtypes_and_scale(tmp_path):
     assert "label" not in batch
 
 
-@pytest.mark.parametrize("source", ["label_key", "classes_file"])
+@pytest.mark.parametrize("source", ["label_key", "classes_file", "names"])
 def test_labels_from_metadata_or_from_captions_through_classes_txt(tmp_path, source):
+    """An index in the metadata, a caption's line in classes.txt, or (both set) the metadata's class name's line."""
     folder = write_latents(tmp_path / "latents", [5, 6], tokens=False)
-    classes = [f"caption {i}" for i in reversed(range(11))]  # class index = 10 - sample id
-    (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")
-    setting = {"label_key": "label"} if source == "label_key" else {"classes_file": str(tmp_path / "classes.txt")}
+    classes = {"label_key": None, "classes_file": [f"caption {i}" for i in reversed(range(11))],  # 10 - sample id
+               "names": ["2", "1", "0"]}[source]  # the metadata's label i % 3 read as a name: class 2 - i % 3
+    (tmp_path / "classes.txt").write_text("\n".join(classes or []) + "\n")
+    setting = {"label_key": "label"} if source != "classes_file" else {}
+    setting |= {"classes_file": str(tmp_path / "classes.txt")} if classes else {}
     loader = LatentLoader(config(folder, num_workers=2, **setting))
+    rule = {"label_key": lambda i: i % 3, "classes_file": lambda i: 10 - i, "names": lambda i: 2 - i % 3}[source]
     for batch in take(loader, 3):
-        expected = [i % 3 if source == "label_key" else 10 - i for i in batch["sample_id"].tolist()]
-        assert batch["label"].dtype == torch.int64 and batch["label"].tolist() == expected
-    assert loader.classes == (None if source == "label_key" else classes)
+        assert batch["label"].dtype == torch.int64
+        assert batch["label"].tolist() == [rule(i) for i in batch["sample_id"].tolist()]
+    assert loader.classes == classes
 
 
 def test_label_and_context_errors_name_what_to_change(tmp_path):
     folder = write_latents(tmp_path / "latents", [4], tokens=False)
-    with pytest.raises(ValueError, match="data.label_key=.*data.classes_file"):
-        LatentDataConfig(path="x", label_key="label", classes_file="classes.txt")
+    (tmp_path / "names.txt").write_text("0\n1\n")
+    with pytest.raises(ValueError, match="has metadata 'label' '2', which is no line of data.classes_file"):
+        take(LatentLoader(config(folder, label_key="label", classes_file=str(tmp_path / "names.txt"), shuffle=False)), 2)
     with pytest.raises(ValueError, match="None under data.label_key='class'"):
         take(LatentLoader(config(folder, label_key="class")), 1)
     (tmp_path / "classes.txt").write_text("caption 0\ncaption 1\n")

@@ -61,7 +61,8 @@ class LatentDataConfig:
     use_tokens: bool = False           # batch["tokens"] from KEY.tokens.npy (trained text encoder)
     use_context: bool = False          # batch["context"] from KEY.context.npy (frozen text encoder)
     label_key: str | None = None       # batch["label"] from this key of KEY.json (class-conditional models)
-    classes_file: str | None = None    # or batch["label"] = line of the caption in this classes.txt
+    classes_file: str | None = None    # or batch["label"] = line of the caption in this classes.txt (with
+    #                                    label_key too: the line of KEY.json[label_key], a class name such as a synset)
     condition: str | None = None       # batch["concat"]: sr-bicubic | sr-bsr | inpainting | semantic (pipeline.conditions)
     masks: str = "train-256"           # inpainting: the mask setting (pipeline.conditions.masks.MASK_SETTINGS)
     scale_factor: float | None = None  # None: the manifest's (App. G)
@@ -77,9 +78,6 @@ class LatentDataConfig:
                   (self.scale_factor is None or self.scale_factor > 0,
                    f"data.scale_factor must be positive or null (use the manifest's), got {self.scale_factor}"),
                   (self.prefetch_factor > 0, f"data.prefetch_factor must be positive, got {self.prefetch_factor}"),
-                  (not (self.label_key and self.classes_file),
-                   f"data.label_key={self.label_key!r} and data.classes_file={self.classes_file!r} are both set: set "
-                   "one to null (label_key reads labels from the metadata, classes_file from the captions)"),
                   (self.condition in (None, *CONDITIONS),
                    f"data.condition={self.condition!r}: use null or one of {CONDITIONS}"),
                   (self.masks in MASK_SETTINGS, f"data.masks={self.masks!r}: use one of {sorted(MASK_SETTINGS)}")]
@@ -189,14 +187,17 @@ class LatentBatches(IterableDataset):
         return out
 
     def label(self, files: dict[str, bytes], caption: str, where: str) -> int:
-        """The class index y of a sample: its caption's line in classes.txt, or its metadata's label_key."""
-        if self.class_index is not None:
-            if caption.strip() not in self.class_index:
-                raise ValueError(f"{where} has caption {caption!r}, which is no line of data.classes_file="
-                                 f"{self.cfg.classes_file!r}: add it there or read labels with data.label_key")
-            return self.class_index[caption.strip()]
-        meta = json.loads(files["json"])
+        """The class index y of a sample: its metadata's label_key (an index, or with classes_file a name
+        looked up there), else its caption's line in classes.txt."""
+        meta = json.loads(files["json"]) if self.cfg.label_key else None
         value = meta.get(self.cfg.label_key) if isinstance(meta, dict) else None
+        if self.class_index is not None:
+            name, what = (caption.strip(), "caption") if not self.cfg.label_key else (
+                str(value).strip(), f"metadata {self.cfg.label_key!r}")
+            if name not in self.class_index:
+                raise ValueError(f"{where} has {what} {name!r}, which is no line of data.classes_file="
+                                 f"{self.cfg.classes_file!r}: add it there or read labels with data.label_key")
+            return self.class_index[name]
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{where}: its metadata (KEY.json) has {value!r} under data.label_key="
                              f"{self.cfg.label_key!r}, not a class index >= 0; set data.label_key to the key that "
