@@ -3,6 +3,7 @@ pipeline end to end at a reduced size (the same stages and jobs, fewer images an
 import json
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,6 +100,7 @@ def test_settings_errors_name_the_option():
     settings, reuse, task = demo.parse_args(["--guidance-t-max", "none", "--train-steps", "7", "--fresh"])
     assert settings.guidance_t_max is None and settings.train_steps == 7 and reuse is False and task == "t2i"
     assert demo.parse_args(["--task", "sr"])[2] == "sr" and demo.parse_args(["--task", "semantic"])[2] == "semantic"
+    assert demo.parse_args(["--task", "guiding"])[2] == "guiding"
     with pytest.raises(SystemExit):
         demo.parse_args(["--task", "inpaint"])  # argparse names the choices
 
@@ -188,6 +190,25 @@ def test_demo_runs_every_stage_end_to_end_and_a_rerun_reuses_them(tmp_path, caps
     assert sem["shuffled_iou"] == pytest.approx(float(iou(found, np.roll(maps, 1, axis=0)).mean()), abs=1e-6)
     assert sem["semantic_check"]["passed"] == (sem["semantic_iou"] >= sem["shuffled_iou"] + 0.3)
     assert "## Semantic synthesis" in (tmp_path / "demo" / "report-semantic.md").read_text()
+
+    # --task guiding: an unconditional model sampled from the same seeds with and without image guiding to each
+    # held-out scene's 8 px image; the PSNRs are those of the saved samples against the scenes
+    demo.main([*args, "--task", "guiding"])
+    guide = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert guide["stages_reused"] == [*SHARED_STAGES, "image_latents"]
+    assert set(guide["stage_seconds"]) == {*SHARED_STAGES, "image_latents", "guide_ldm", "guide_eval"}
+    ev = tmp_path / "demo" / "guiding" / "eval"
+    targets = sorted((ev / "targets").glob("*.png"))
+    assert [f.stem for f in targets] == [f.stem for f in held_out] and Image.open(targets[0]).size == (8, 8)
+    for variant in ("guided", "unguided"):
+        pictures = _signed([Image.open(ev / variant / f"{i:06d}.png").convert("RGB") for i in range(len(held_out))])
+        assert guide[f"{variant}_psnr_to_target"] == pytest.approx(float(psnr(pictures, hr).mean()), abs=1e-3)
+    record = json.loads((ev / "guided" / "samples.json").read_text())
+    assert [Path(r["guide_image"]).name for r in record["samples"]] == [f.name for f in targets]
+    assert record["sampling"]["image_guidance_scale"] > 0
+    assert json.loads((ev / "unguided" / "samples.json").read_text())["sampling"]["image_guidance_scale"] == 0
+    assert guide["guiding_check"]["passed"] == (guide["guided_psnr_to_target"] > guide["unguided_psnr_to_target"])
+    assert "## Image guiding" in (tmp_path / "demo" / "report-guiding.md").read_text()
 
 
 def _signed(images) -> torch.Tensor:

@@ -170,12 +170,13 @@ def image_latents_stage(s) -> Stage:
                            f"-> {s.out / IMAGE_LATENTS}", [s.out / IMAGE_LATENTS])
 
 
-def train_image_task(s, stage: str, experiment: str, data_path: Path, run_dir: Path, log_path: Path) -> dict:
-    """An image-conditioned task's LDM (`experiment`: demo-sr, demo-inpainting, demo-semantic) on 2 CPU
-    ranks, its samples decoded by the demo's autoencoder."""
+def train_image_task(s, stage: str, experiment: str, data_path: Path, run_dir: Path, log_path: Path,
+                     extra: dict | None = None) -> dict:
+    """A task's LDM on the image latents (`experiment`: demo-sr, demo-inpainting, demo-semantic, demo-uncond,
+    demo-class; `extra` overrides) on 2 CPU ranks, its samples decoded by the demo's autoencoder."""
     overrides = {"experiment": experiment, "data.path": data_path, "run_dir": run_dir,
                  "trainer.sample_autoencoder": s.out / "autoencoder" / "autoencoder", "logger.progress_bar": False,
-                 "data.seed": s.seed, **_steps(s.train_steps)}
+                 "data.seed": s.seed, **_steps(s.train_steps), **(extra or {})}
     run_logged(stage, [*launcher(NUM_RANKS), *job_args("train", overrides, s.out / "hydra" / stage)], log_path, JOB_ENV)
     return {"run_dir": str(run_dir), "world_size": NUM_RANKS,
             **metrics_summary(run_dir / "metrics.jsonl", "loss", "img_per_s")}

@@ -1,6 +1,6 @@
 """The embedded demo: the whole pipeline end to end on synthetic captioned scenes, on CPU, in minutes.
 
-    python -m jobs.demo [--task t2i|sr|inpainting|semantic] [--out runs/demo] [--train-steps 2000] [--fresh]
+    python -m jobs.demo [--task t2i|sr|inpainting|semantic|guiding|class] [--out runs/demo] [--train-steps 2000] [--fresh]
 
 Stages (each the project's real job, run as the command a user would type; jobs/demo/commands.py):
   generate     the captioned scenes (jobs.demo.scenes) and held-out images for FID
@@ -18,6 +18,11 @@ Stages (each the project's real job, run as the command a user would type; jobs/
   part of each held-out scene's shape, against a mean-colour fill), report-inpainting.md
 --task semantic (jobs/demo/semantic.py): the same, then sem_ldm and sem_eval (IoU of each sample's shape
   with its held-out scene's map, and with another scene's), report-semantic.md
+--task guiding (jobs/demo/guiding.py): the same, then guide_ldm (an unconditional LDM) and guide_eval (the
+  same seeds with and without L2 image guiding to each held-out scene's 8 px image, PSNR to the scene),
+  report-guiding.md
+--task class (jobs/demo/classes.py): the same, then class_ldm (the class is the scene's shape) and class_eval
+  (the detector reads the shape back from guided and unguided samples), report-class.md
 The tasks share the first three stages (the image tasks also image_latents): a second task in the
 same --out reuses them.
 Each prints one line of what it did and how long it took; a failure names the stage and its log
@@ -34,7 +39,7 @@ from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 
-from jobs.demo import commands, evaluation, inpainting, semantic, sr
+from jobs.demo import classes, commands, evaluation, guiding, inpainting, semantic, sr
 from jobs.demo.report import write_report
 from jobs.demo.scenes import Scene, scene_for_index
 from jobs.demo.stages import Stage, StageFailed, StageRunner
@@ -196,7 +201,8 @@ def run_image_task(task, s: DemoSettings, runner: StageRunner, results: dict) ->
 
 
 TASKS = {"t2i": run_t2i, "sr": partial(run_image_task, sr), "inpainting": partial(run_image_task, inpainting),
-         "semantic": partial(run_image_task, semantic)}
+         "semantic": partial(run_image_task, semantic), "guiding": partial(run_image_task, guiding),
+         "class": partial(run_image_task, classes)}
 
 
 def parse_args(argv=None) -> tuple[DemoSettings, bool, str]:
