@@ -210,6 +210,12 @@ PRESETS: dict[str, LDMPreset] = {
     # gradient through a VQ decoder only moves a sample where a code flips.
     "demo-uncond": LDMPreset(
         UNetConfig(4, 4, **DEBUG_UNET), "debug-kl", 8, _linear(0.0015, 0.0195), scale_factor=None),
+    # The CPU demo's class-conditional model (jobs.demo --task class): 8x8x4 latents of the 32 px scenes, the
+    # class (the scene's shape) a one-token context through cross-attention, as ldm-vq4-cin; the class models'
+    # schedule. Index 3 is the null class of guidance dropout.
+    "demo-cin": LDMPreset(
+        UNetConfig(4, 4, context_dim=64, **DEBUG_UNET), "debug-kl", 8, _linear(0.0015, 0.0195),
+        ConditionerConfig("class", num_classes=3, embed_dim=64), scale_factor=None),
     "debug-sr": LDMPreset(
         UNetConfig(7, 4, **DEBUG_UNET), "debug-vq", 16, _linear(0.0015, 0.0155),
         ConditionerConfig("concat", concat_channels=3)),
