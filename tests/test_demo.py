@@ -100,7 +100,7 @@ def test_settings_errors_name_the_option():
     settings, reuse, task = demo.parse_args(["--guidance-t-max", "none", "--train-steps", "7", "--fresh"])
     assert settings.guidance_t_max is None and settings.train_steps == 7 and reuse is False and task == "t2i"
     assert demo.parse_args(["--task", "sr"])[2] == "sr" and demo.parse_args(["--task", "semantic"])[2] == "semantic"
-    assert demo.parse_args(["--task", "guiding"])[2] == "guiding"
+    assert demo.parse_args(["--task", "guiding"])[2] == "guiding" and demo.parse_args(["--task", "class"])[2] == "class"
     with pytest.raises(SystemExit):
         demo.parse_args(["--task", "inpaint"])  # argparse names the choices
 
@@ -209,6 +209,26 @@ def test_demo_runs_every_stage_end_to_end_and_a_rerun_reuses_them(tmp_path, caps
     assert json.loads((ev / "unguided" / "samples.json").read_text())["sampling"]["image_guidance_scale"] == 0
     assert guide["guiding_check"]["passed"] == (guide["guided_psnr_to_target"] > guide["unguided_psnr_to_target"])
     assert "## Image guiding" in (tmp_path / "demo" / "report-guiding.md").read_text()
+
+    # --task class: the class (the scene's shape) came by name from the metadata; the adherences are the
+    # detector's reading of the saved guided and unguided samples against the held-out scenes' shapes
+    demo.main([*args, "--task", "class"])
+    cls = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cls["stages_reused"] == [*SHARED_STAGES, "image_latents"]
+    from jobs.demo.adherence import detect
+    from jobs.demo.scenes import SHAPES, scene_for_index
+
+    shapes = [scene_for_index(int(f.stem), 0).shape for f in held_out]
+    record = json.loads((tmp_path / "demo" / "class" / "eval" / "guided" / "samples.json").read_text())
+    assert [r["class_id"] for r in record["samples"]] == [SHAPES.index(shape) for shape in shapes]
+    for variant in ("guided", "unguided"):
+        found = [detect(Image.open(tmp_path / "demo" / "class" / "eval" / variant / f"{i:06d}.png").convert("RGB"))
+                 for i in range(len(held_out))]
+        assert cls[f"class_adherence_{variant}"] == pytest.approx(
+            np.mean([f["shape"] == shape for f, shape in zip(found, shapes)]))
+    assert cls["class_adherence_chance"] == pytest.approx(1 / 3)
+    assert cls["class_check"]["passed"] == (cls["class_adherence_guided"] > max(cls["class_adherence_unguided"], 1 / 3))
+    assert "## Class-conditional samples" in (tmp_path / "demo" / "report-class.md").read_text()
 
 
 def _signed(images) -> torch.Tensor:

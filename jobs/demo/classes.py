@@ -17,7 +17,7 @@ from PIL import Image
 
 from jobs.demo import report
 from jobs.demo.adherence import detect
-from jobs.demo.commands import IMAGE_LATENTS, NUM_RANKS, image_latents_stage, run_job, train_image_task
+from jobs.demo.commands import IMAGE_LATENTS, NUM_RANKS, image_latents_stage, run_job, train_image_task, train_stage
 from jobs.demo.scenes import SHAPES, scene_for_index
 from jobs.demo.stages import Stage, StageFailed
 
@@ -66,12 +66,9 @@ def evaluate(s, log_path: Path) -> dict:
 
 
 def stages(s) -> list[Stage]:
-    experiment = (Path(__file__).parents[2] / "conf" / "experiment" / f"{EXPERIMENT}.yaml").read_text()
     return [
         image_latents_stage(s),
-        Stage("class_ldm", {"train_steps": s.train_steps, "experiment": experiment}, lambda log: train(s, log),
-              lambda r: f"DeepSpeed, 2 ranks: {r['steps']} steps, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} "
-                        f"({r['img_per_s']:.0f} img/s) -> {r['run_dir']}", [folder(s) / "ldm"]),
+        train_stage(s, "class_ldm", EXPERIMENT, lambda log: train(s, log), folder(s) / "ldm"),
         Stage("class_eval", {"sample_steps": s.sample_steps, "num_samples": s.num_samples, "seed": s.seed,
                              "scale": GUIDANCE_SCALE}, lambda log: evaluate(s, log),
               lambda r: f"{r['num_images']} samples of the held-out scenes' classes: shape right guided "
@@ -121,8 +118,8 @@ def _scores(results: dict, result: dict) -> list[str]:
     ev = results["class_eval"]
     verdict_line = (f"Guided samples show their class more often than unguided ones and than chance: "
                     f"**{'yes' if result['class_check']['passed'] else 'NO'}**.")
-    rows = [["guided", f"{ev['class_adherence_guided']:.3f}"], ["unguided", f"{ev['class_adherence_unguided']:.3f}"],
-            ["chance", f"{ev['class_adherence_chance']:.3f}"], ["the held-out scenes", f"{ev['class_adherence_scenes']:.3f}"]]
+    rows = [[name, f"{ev[f'class_adherence_{key}']:.3f}"] for name, key in (
+        ("guided", "guided"), ("unguided", "unguided"), ("chance", "chance"), ("the held-out scenes", "scenes"))]
     return ["## Headline", "", verdict_line, "", f"Share of {ev['num_images']} samples whose shape the adherence "
             "detector reads as their class.", ""] + report._table(["", "class adherence"], rows)
 

@@ -9,6 +9,7 @@ returns the stage's JSON-able summary.
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,14 @@ def train_image_task(s, stage: str, experiment: str, data_path: Path, run_dir: P
     run_logged(stage, [*launcher(NUM_RANKS), *job_args("train", overrides, s.out / "hydra" / stage)], log_path, JOB_ENV)
     return {"run_dir": str(run_dir), "world_size": NUM_RANKS,
             **metrics_summary(run_dir / "metrics.jsonl", "loss", "img_per_s")}
+
+
+def train_stage(s, name: str, experiment: str, train: Callable[[Path], dict], run_dir: Path) -> Stage:
+    """The Stage of an image task's LDM: reruns when --train-steps or conf/experiment/EXPERIMENT.yaml change."""
+    text = (Path(__file__).parents[2] / "conf" / "experiment" / f"{experiment}.yaml").read_text()
+    return Stage(name, {"train_steps": s.train_steps, "experiment": text}, train,
+                 lambda r: f"DeepSpeed, 2 ranks: {r['steps']} steps, loss {r['loss_first']:.3f} -> "
+                           f"{r['loss_last']:.3f} ({r['img_per_s']:.0f} img/s) -> {r['run_dir']}", [run_dir])
 
 
 def train_ldm(s, log_path: Path) -> dict:

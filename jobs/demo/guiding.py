@@ -20,7 +20,15 @@ import torch
 from PIL import Image
 
 from jobs.demo import report
-from jobs.demo.commands import IMAGE_LATENTS, NUM_RANKS, image_latents_stage, run_job, train_image_task
+from jobs.demo.commands import (
+    IMAGE_LATENTS,
+    IMAGE_SIZE,
+    NUM_RANKS,
+    image_latents_stage,
+    run_job,
+    train_image_task,
+    train_stage,
+)
 from jobs.demo.scenes import scene_for_index
 from jobs.demo.stages import Stage, StageFailed
 from ldm.diffusion.guidance import downsample
@@ -91,15 +99,12 @@ def evaluate(s, log_path: Path) -> dict:
 
 
 def stages(s) -> list[Stage]:
-    experiment = (Path(__file__).parents[2] / "conf" / "experiment" / f"{EXPERIMENT}.yaml").read_text()
     return [
         image_latents_stage(s),
-        Stage("guide_ldm", {"train_steps": s.train_steps, "experiment": experiment}, lambda log: train(s, log),
-              lambda r: f"DeepSpeed, 2 ranks: {r['steps']} steps, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} "
-                        f"({r['img_per_s']:.0f} img/s) -> {r['run_dir']}", [folder(s) / "ldm"]),
+        train_stage(s, "guide_ldm", EXPERIMENT, lambda log: train(s, log), folder(s) / "ldm"),
         Stage("guide_eval", {"sample_steps": s.sample_steps, "num_samples": s.num_samples, "seed": s.seed,
                              "scale": GUIDANCE_SCALE, "factor": FACTOR}, lambda log: evaluate(s, log),
-              lambda r: f"{r['num_images']} held-out scenes from their {32 // FACTOR} px image: PSNR guided "
+              lambda r: f"{r['num_images']} held-out scenes from their {IMAGE_SIZE // FACTOR} px image: PSNR guided "
                         f"{r['guided_psnr_to_target']:.2f} / unguided {r['unguided_psnr_to_target']:.2f} dB "
                         f"(bicubic {r['bicubic_psnr_to_target']:.2f})", [folder(s) / "eval"]),
     ]
@@ -132,11 +137,15 @@ def verdict(result: dict) -> str:
 def _pictures(s, results: dict, plots: Path, rows: int = 8) -> list[str]:
     ev = results["guide_eval"]
     targets = sorted(Path(ev["targets_dir"]).glob("*.png"))[:rows]
-    table = [(scene_for_index(int(t.stem), s.seed).caption,
-              [t, Path(ev["unguided_dir"]) / f"{i:06d}.png", Path(ev["guided_dir"]) / f"{i:06d}.png",
-               s.out / "data" / "held_out" / f"{t.stem}.jpg"]) for i, t in enumerate(targets)]
-    side = report.side_by_side(table, ["target (8 px)", "unguided", "guided", "scene"],
-                               plots / "guiding_side_by_side.png")
+    (plots / "targets").mkdir(parents=True, exist_ok=True)
+    table = []
+    for i, target in enumerate(targets):
+        shown = plots / "targets" / target.name  # enlarged to the samples' size (nearest): the table's one size
+        Image.open(target).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.NEAREST).save(shown)
+        table.append((scene_for_index(int(target.stem), s.seed).caption,
+                      [shown, Path(ev["unguided_dir"]) / f"{i:06d}.png", Path(ev["guided_dir"]) / f"{i:06d}.png",
+                       s.out / "data" / "held_out" / f"{target.stem}.jpg"]))
+    side = report.side_by_side(table, ["target", "unguided", "guided", "scene"], plots / "guiding_side_by_side.png")
     return ["## Image guiding", "", f"An unconditional LDM sampled from the same seeds (DDIM {s.sample_steps} steps) "
             f"without and with L2 guidance (scale {ev['guidance_scale']}) towards each held-out scene's x{FACTOR} "
             "downsampled image (App. C, Eq. 17).", "", f"![guiding side by side]({report._rel(side, s.out)})", ""]
@@ -146,12 +155,14 @@ def _scores(results: dict, result: dict) -> list[str]:
     ev = results["guide_eval"]
     verdict_line = (f"Guided samples are closer to the target than the unguided ones from the same seeds: "
                     f"**{'yes' if result['guiding_check']['passed'] else 'NO'}**.")
-    rows = [["PSNR to the scene (32 px, dB)", f"{ev['guided_psnr_to_target']:.2f} ± {ev['guided_psnr_to_target_std']:.2f}",
+    rows = [[f"PSNR to the scene ({IMAGE_SIZE} px, dB)",
+             f"{ev['guided_psnr_to_target']:.2f} ± {ev['guided_psnr_to_target_std']:.2f}",
              f"{ev['unguided_psnr_to_target']:.2f} ± {ev['unguided_psnr_to_target_std']:.2f}"],
             [f"PSNR to the target after x{FACTOR} downsampling (dB)", f"{ev['guided_lowres_psnr']:.2f}",
              f"{ev['unguided_lowres_psnr']:.2f}"]]
     return ["## Headline", "", verdict_line, "", f"On {ev['num_images']} held-out scenes; bicubic upsampling of the "
-            f"targets reaches {ev['bicubic_psnr_to_target']:.2f} dB.", ""] + report._table(["", "guided", "unguided"], rows)
+            f"targets reaches {ev['bicubic_psnr_to_target']:.2f} dB.", ""] + \
+        report._table(["", "guided", "unguided"], rows)
 
 
 def write_report(s, results: dict, runner, result: dict) -> Path:

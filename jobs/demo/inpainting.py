@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from jobs.demo import report
-from jobs.demo.commands import IMAGE_LATENTS, NUM_RANKS, image_latents_stage, run_job, train_image_task
+from jobs.demo.commands import IMAGE_LATENTS, NUM_RANKS, image_latents_stage, run_job, train_image_task, train_stage
 from jobs.demo.scenes import scene_for_index
 from jobs.demo.stages import Stage, StageFailed
 
@@ -131,12 +131,9 @@ def evaluate(s, log_path: Path) -> dict:
 
 
 def stages(s) -> list[Stage]:
-    experiment = (Path(__file__).parents[2] / "conf" / "experiment" / f"{EXPERIMENT}.yaml").read_text()
     return [
         image_latents_stage(s),
-        Stage("inp_ldm", {"train_steps": s.train_steps, "experiment": experiment}, lambda log: train(s, log),
-              lambda r: f"DeepSpeed, 2 ranks: {r['steps']} steps, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} "
-                        f"({r['img_per_s']:.0f} img/s) -> {r['run_dir']}", [folder(s) / "ldm"]),
+        train_stage(s, "inp_ldm", EXPERIMENT, lambda log: train(s, log), folder(s) / "ldm"),
         Stage("inp_eval", {"sample_steps": s.sample_steps, "seed": s.seed, "hole_side": HOLE_SIDE},
               lambda log: evaluate(s, log),
               lambda r: f"{r['num_images']} held-out images, holes {r['mean_hole_fraction']:.0%} of the image "

@@ -1,6 +1,7 @@
 """The embedded demo: the whole pipeline end to end on synthetic captioned scenes, on CPU, in minutes.
 
-    python -m jobs.demo [--task t2i|sr|inpainting|semantic|guiding|class] [--out runs/demo] [--train-steps 2000] [--fresh]
+    python -m jobs.demo [--task t2i|sr|inpainting|semantic|guiding|class] [--out runs/demo] [--train-steps 2000]
+                        [--fresh]
 
 Stages (each the project's real job, run as the command a user would type; jobs/demo/commands.py):
   generate     the captioned scenes (jobs.demo.scenes) and held-out images for FID

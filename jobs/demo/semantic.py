@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from jobs.demo import report
-from jobs.demo.commands import IMAGE_LATENTS, NUM_RANKS, image_latents_stage, run_job, train_image_task
+from jobs.demo.commands import IMAGE_LATENTS, NUM_RANKS, image_latents_stage, run_job, train_image_task, train_stage
 from jobs.demo.inpainting import shape_pixels
 from jobs.demo.scenes import scene_for_index
 from jobs.demo.stages import Stage, StageFailed
@@ -74,12 +74,9 @@ def evaluate(s, log_path: Path) -> dict:
 
 
 def stages(s) -> list[Stage]:
-    experiment = (Path(__file__).parents[2] / "conf" / "experiment" / f"{EXPERIMENT}.yaml").read_text()
     return [
         image_latents_stage(s),
-        Stage("sem_ldm", {"train_steps": s.train_steps, "experiment": experiment}, lambda log: train(s, log),
-              lambda r: f"DeepSpeed, 2 ranks: {r['steps']} steps, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} "
-                        f"({r['img_per_s']:.0f} img/s) -> {r['run_dir']}", [folder(s) / "ldm"]),
+        train_stage(s, "sem_ldm", EXPERIMENT, lambda log: train(s, log), folder(s) / "ldm"),
         Stage("sem_eval", {"sample_steps": s.sample_steps, "seed": s.seed}, lambda log: evaluate(s, log),
               lambda r: f"{r['num_images']} held-out maps: IoU of the sampled shape with its map "
                         f"{r['semantic_iou']:.3f}, with another scene's {r['shuffled_iou']:.3f} (the scenes "

@@ -17,7 +17,15 @@ from pathlib import Path
 from PIL import Image
 
 from jobs.demo import report
-from jobs.demo.commands import IMAGE_LATENTS, IMAGE_SIZE, NUM_RANKS, image_latents_stage, run_job, train_image_task
+from jobs.demo.commands import (
+    IMAGE_LATENTS,
+    IMAGE_SIZE,
+    NUM_RANKS,
+    image_latents_stage,
+    run_job,
+    train_image_task,
+    train_stage,
+)
 from jobs.demo.evaluation import reference_stats
 from jobs.demo.scenes import scene_for_index
 from jobs.demo.stages import Stage
@@ -52,12 +60,9 @@ def evaluate(s, log_path: Path) -> dict:
 
 
 def stages(s) -> list[Stage]:
-    experiment = (Path(__file__).parents[2] / "conf" / "experiment" / f"{EXPERIMENT}.yaml").read_text()
     return [
         image_latents_stage(s),
-        Stage("sr_ldm", {"train_steps": s.train_steps, "experiment": experiment}, lambda log: train(s, log),
-              lambda r: f"DeepSpeed, 2 ranks: {r['steps']} steps, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} "
-                        f"({r['img_per_s']:.0f} img/s) -> {r['run_dir']}", [folder(s) / "ldm"]),
+        train_stage(s, "sr_ldm", EXPERIMENT, lambda log: train(s, log), folder(s) / "ldm"),
         Stage("sr_eval", {"sample_steps": s.sample_steps, "num_calibration": s.num_calibration, "seed": s.seed},
               lambda log: evaluate(s, log),
               lambda r: f"{r['num_images']} held-out images x4 from {IMAGE_SIZE // SCALE} px: PSNR SR "
