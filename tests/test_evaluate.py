@@ -25,6 +25,7 @@ from factories import (
     png_bytes,
     scene,
     tiny_bundle,
+    write_lpips_files,
 )
 from hydra import compose, initialize_config_dir
 from PIL import Image
@@ -423,6 +424,43 @@ def test_super_resolution_protocol_refuses_bad_input(data, small_stats, tmp_path
             data, small_stats, tmp_path / "e2", source=source, hr_images=odd, **{"metrics.isc_splits": 2})))
     with pytest.raises(ValueError, match="degradation='jpeg'"):
         make_config("evaluate", EvaluateConfig, ["reference_stats=x", "source=s", "hr_images=h", "degradation=jpeg"])
+
+
+def test_super_resolution_guiding_row_guides_each_sample_to_its_own_low_res_input(data, small_stats, tmp_path,
+                                                                                    monkeypatch):
+    """Tab. 5's guiding rows: with sampling.image_guidance_scale > 0 the protocol hands each sample's low-res
+    input to the sampler as its guide target (T = the x4 downsampling) and LPIPS when asked; without, none.
+    Guiding elsewhere in jobs.evaluate, or another factor, is refused before any work."""
+    source = save_ldm(tiny_bundle("debug-sr"), tmp_path / "sr")
+    hr = _hr_folder(tmp_path / "hr")
+    seen = []
+    real_generate = sr.generate
+
+    def spy(bundle, conditions, seeds, cfg, device, **kwargs):
+        seen.append((conditions, cfg.image_guidance_scale, kwargs.get("lpips")))
+        return real_generate(bundle, conditions, seeds, cfg, device, **kwargs)
+
+    monkeypatch.setattr(sr, "generate", spy)
+    vgg, heads = write_lpips_files(tmp_path / "lpips")
+    guided = {"sampling.image_guidance_scale": 5.0, "sampling.image_guidance_downsample": 4,
+              "sampling.image_guidance_loss": "lpips", "lpips_vgg_path": vgg, "lpips_heads_path": heads}
+    for name, extra in (("plain", {}), ("guided", guided)):
+        evaluate(make_config("evaluate", EvaluateConfig, eval_overrides(
+            data, small_stats, tmp_path / name, source=source, hr_images=hr, save_images=True,
+            **{"sampling.num_steps": 2, "sampling.batch_size": 4, "metrics.isc_splits": 2, "metrics.prc": False},
+            **extra)))
+    (plain, plain_scale, plain_lpips), (conditions, scale, lpips) = seen
+    assert plain.guide_targets is None and plain_scale == 0 and plain_lpips is None
+    assert scale == 5.0 and lpips is not None
+    torch.testing.assert_close(conditions.guide_targets, conditions.images)  # its own low-res input
+    low = np.stack([np.asarray(Image.open(tmp_path / "guided" / "low_res" / f"{i:06d}.png")) for i in range(4)])
+    torch.testing.assert_close(conditions.guide_targets, torch.from_numpy(low).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    with pytest.raises(ValueError, match="guides only the super-resolution protocol"):
+        make_config("evaluate", EvaluateConfig, ["reference_stats=x", "source=s", "num_samples=20",
+                                                 "sampling.image_guidance_scale=1"])
+    with pytest.raises(ValueError, match="sampling.image_guidance_downsample=4"):
+        make_config("evaluate", EvaluateConfig, ["reference_stats=x", "source=s", "hr_images=h",
+                                                 "sampling.image_guidance_scale=1"])
 
 
 # ---------------------------------------------------------------------------------------------- inpainting

@@ -11,7 +11,7 @@ from jobs.evaluate.fid import MetricsConfig
 from jobs.evaluate.inception import InceptionConfig
 from jobs.metrics import LoggerConfig
 from jobs.sample.generate import SamplingConfig
-from pipeline.conditions.degradations import DEGRADATIONS
+from pipeline.conditions.degradations import DEGRADATIONS, SCALE
 from pipeline.conditions.masks import MASK_SETTINGS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -106,4 +106,9 @@ class EvaluateConfig:
                  f"mask_setting={self.mask_setting!r}: one of {sorted(MASK_SETTINGS)}, or null for thick at the "
                  "image size"),
                 (self.masks is None or self.inpaint_images is not None,
-                 "masks= goes with inpaint_images= (the inpainting protocol)")])
+                 "masks= goes with inpaint_images= (the inpainting protocol)"),
+                (self.sampling.image_guidance_scale == 0 or (
+                    self.hr_images is not None and self.sampling.image_guidance_downsample == SCALE),
+                 f"sampling.image_guidance_scale={self.sampling.image_guidance_scale}: jobs.evaluate guides only the "
+                 f"super-resolution protocol (Tab. 5's guiding rows: each low-res input is its sample's target): set "
+                 f"hr_images= and sampling.image_guidance_downsample={SCALE}, or image_guidance_scale=0")])

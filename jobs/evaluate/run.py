@@ -183,6 +183,8 @@ def _evaluate(cfg: EvaluateConfig, dist_info: DistInfo) -> dict | None:
         reference = {"path": str(Path(cfg.inpaint_images).resolve()), "source": "the inpainted images' originals"}
     else:
         reference = {**check_reference(cfg.reference_stats, ours), "path": str(Path(cfg.reference_stats).resolve())}
+        lpips = (load_lpips_or_explain(cfg.lpips_vgg_path, cfg.lpips_heads_path, "set sampling.image_guidance_loss=l2")
+                 if cfg.sampling.image_guidance_scale > 0 and cfg.sampling.image_guidance_loss == "lpips" else None)
     start = time.perf_counter()
     sr_scores: list = []  # (index, PSNR / SSIM) of this rank's SR samples (hr_images=)
     inpainting_scores: list = []  # (index, hole fraction, bin, LPIPS) of this rank's composites (inpaint_images=)
@@ -195,7 +197,7 @@ def _evaluate(cfg: EvaluateConfig, dist_info: DistInfo) -> dict | None:
         source_info = bundle.source
         if cfg.hr_images is not None:
             images = sr.sr_slice(bundle, cfg, dist_info, sr_scores, (out_dir / SAMPLES_DIR, out_dir / sr.LOW_RES_DIR)
-                                 if cfg.save_images else None)
+                                 if cfg.save_images else None, lpips)
         elif cfg.inpaint_images is not None:
             images = inpainting.inpainting_slice(bundle, cfg, dist_info, lpips, inpainting_scores, (
                 out_dir / SAMPLES_DIR, out_dir / inpainting.MASKS_DIR) if cfg.save_images else None)

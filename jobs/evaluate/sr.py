@@ -39,10 +39,12 @@ def _scores(sr_NHW3: np.ndarray, hr_NHW3: np.ndarray, low_NHW3: np.ndarray) -> l
     return [{key: float(values[key][i]) for key in SCORES} for i in range(len(hr_NHW3))]
 
 
-def sr_slice(bundle, cfg, dist_info: DistInfo, scores: list,
-             save_to: tuple[Path, Path] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+def sr_slice(bundle, cfg, dist_info: DistInfo, scores: list, save_to: tuple[Path, Path] | None = None,
+             lpips=None) -> Iterator[tuple[int, torch.Tensor]]:
     """(global index, Inception input) of this rank's SR samples; appends (index, scores) to `scores`.
-    save_to=(samples folder, low-res folder): also write each sample and its low-res input as PNG."""
+    save_to=(samples folder, low-res folder): also write each sample and its low-res input as PNG.
+    With sampling.image_guidance_scale > 0 each sample is also guided towards its own low-res input
+    (App. C: the guiding rows of Tab. 5; `lpips` for image_guidance_loss=lpips)."""
     for folder in save_to or ():
         folder.mkdir(parents=True, exist_ok=True)
     source = open_source(cfg.hr_images)
@@ -52,8 +54,9 @@ def sr_slice(bundle, cfg, dist_info: DistInfo, scores: list,
             raise ValueError(f"hr_images={cfg.hr_images!r}: image {indices[0]} is {hr[0].shape[0]}x{hr[0].shape[1]}, "
                              f"not a multiple of {SCALE}: crop the HR images to multiples of {SCALE}")
         low = np.stack([degrade(x, cfg.degradation, condition_rng(cfg.seed, 0, i)) for i, x in zip(indices, hr)])
-        samples = generate(bundle, Conditions(images=_signed(low)), seeds_for(indices, cfg.seed), cfg.sampling,
-                           dist_info.device).numpy()
+        guide = _signed(low) if cfg.sampling.image_guidance_scale > 0 else None
+        samples = generate(bundle, Conditions(images=_signed(low), guide_targets=guide), seeds_for(indices, cfg.seed),
+                           cfg.sampling, dist_info.device, lpips=lpips).numpy()
         scores.extend(zip(indices, _scores(samples, hr, low)))
         for index, image_HW3, low_HW3 in zip(indices, samples, low):
             if save_to:
