@@ -179,8 +179,8 @@ def test_demo_runs_every_stage_end_to_end_and_a_rerun_reuses_them(tmp_path, caps
     sem = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sem["stages_reused"] == [*SHARED_STAGES, "image_latents"]
     assert set(sem["stage_seconds"]) == {*SHARED_STAGES, "image_latents", *SEMANTIC_STAGES}
-    from jobs.demo.inpainting import shape_pixels
-    from jobs.demo.semantic import iou
+    from jobs.demo.tasks.inpainting import shape_pixels
+    from jobs.demo.tasks.semantic import iou
 
     maps = np.stack([np.asarray(Image.open(tmp_path / "demo" / "data" / "maps" / f"{f.stem}.png")) > 0
                      for f in held_out])

@@ -1,9 +1,9 @@
-"""The inpainting demo's scoring (jobs/demo/inpainting.py): holes over part of the shape, PSNR in the hole,
+"""The inpainting demo's scoring (jobs/demo/tasks/inpainting.py): holes over part of the shape, PSNR in the hole,
 the mean-colour baseline."""
 import numpy as np
 import pytest
 
-from jobs.demo.inpainting import hole_over_shape, mean_colour_fill, psnr_in_hole, shape_pixels
+from jobs.demo.tasks.inpainting import hole_over_shape, mean_colour_fill, psnr_in_hole, shape_pixels
 from jobs.demo.scenes import render, scene_for_index
 
 

@@ -1,10 +1,10 @@
-"""The semantic demo's scoring (jobs/demo/semantic.py): IoU of the shape found in a picture with a
+"""The semantic demo's scoring (jobs/demo/tasks/semantic.py): IoU of the shape found in a picture with a
 scene's map, which separates a scene's own map from another scene's."""
 import numpy as np
 
-from jobs.demo.inpainting import shape_pixels
+from jobs.demo.tasks.inpainting import shape_pixels
 from jobs.demo.scenes import render_with_map, scene_for_index
-from jobs.demo.semantic import IOU_MARGIN, iou
+from jobs.demo.tasks.semantic import IOU_MARGIN, iou
 
 
 def test_iou_of_masks():
@@ -17,7 +17,7 @@ def test_iou_of_masks():
 
 def test_the_scenes_own_maps_clear_the_demo_margin_and_other_scenes_do_not():
     """What the check asks of a model, met by the rendered scenes themselves: the detector's shape
-    matches the scene's map and not a neighbour's (the order jobs.demo.semantic shuffles with)."""
+    matches the scene's map and not a neighbour's (the order jobs.demo.tasks.semantic shuffles with)."""
     pictures, maps = zip(*(render_with_map(scene_for_index(i, 0), 32, np.random.default_rng(i)) for i in range(48)))
     found = np.stack([shape_pixels(np.asarray(p)) for p in pictures])
     wanted = np.stack(maps) > 0

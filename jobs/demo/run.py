@@ -13,16 +13,16 @@ Stages (each the project's real job, run as the command a user would type; jobs/
   fid          FID / KID of the guided and unguided samples vs the held-out images (jobs.fid_stats, jobs.evaluate)
   adherence    caption adherence of every variant (jobs.demo.adherence)
   report       OUT/report.md with its plots (jobs.demo.report)
---task sr (jobs/demo/sr.py) runs generate, ingest and autoencoder, then x4 super-resolution:
+--task sr (jobs/demo/tasks/sr.py) runs generate, ingest and autoencoder, then x4 super-resolution:
   image_latents, sr_ldm, sr_eval (PSNR / SSIM against the held-out images, and bicubic's), report-sr.md
---task inpainting (jobs/demo/inpainting.py): the same, then inp_ldm and inp_eval (PSNR in a hole over
+--task inpainting (jobs/demo/tasks/inpainting.py): the same, then inp_ldm and inp_eval (PSNR in a hole over
   part of each held-out scene's shape, against a mean-colour fill), report-inpainting.md
---task semantic (jobs/demo/semantic.py): the same, then sem_ldm and sem_eval (IoU of each sample's shape
+--task semantic (jobs/demo/tasks/semantic.py): the same, then sem_ldm and sem_eval (IoU of each sample's shape
   with its held-out scene's map, and with another scene's), report-semantic.md
---task guiding (jobs/demo/guiding.py): the same, then guide_ldm (an unconditional LDM) and guide_eval (the
+--task guiding (jobs/demo/tasks/guiding.py): the same, then guide_ldm (an unconditional LDM) and guide_eval (the
   same seeds with and without L2 image guiding to each held-out scene's 8 px image, PSNR to the scene),
   report-guiding.md
---task class (jobs/demo/classes.py): the same, then class_ldm (the class is the scene's shape) and class_eval
+--task class (jobs/demo/tasks/classes.py): the same, then class_ldm (the class is the scene's shape) and class_eval
   (the detector reads the shape back from guided and unguided samples), report-class.md
 The tasks share the first three stages (the image tasks also image_latents): a second task in the
 same --out reuses them.
@@ -40,10 +40,11 @@ from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 
-from jobs.demo import classes, commands, evaluation, guiding, inpainting, semantic, sr
+from jobs.demo import commands, evaluation
 from jobs.demo.report import write_report
 from jobs.demo.scenes import Scene, scene_for_index
 from jobs.demo.stages import Stage, StageFailed, StageRunner
+from jobs.demo.tasks import classes, guiding, inpainting, semantic, sr
 from pipeline.shards import atomic_write_json
 
 PROMPT_ORDER_SEED = 7  # which scene each sample index asks for (a seeded order of all 144 captions)
@@ -187,7 +188,7 @@ def run_t2i(s: DemoSettings, runner: StageRunner, results: dict) -> dict:
 
 
 def run_image_task(task, s: DemoSettings, runner: StageRunner, results: dict) -> dict:
-    """An image-conditioned task (jobs/demo/sr.py, inpainting.py, semantic.py): its stages, report and JSON."""
+    """An image-conditioned task (jobs/demo/tasks/sr.py, inpainting.py, semantic.py): its stages, report and JSON."""
     results |= {stage.name: runner.run(stage) for stage in task.stages(s)}
     result = task.headline(results)
     start = time.perf_counter()

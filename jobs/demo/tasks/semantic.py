@@ -19,7 +19,7 @@ from PIL import Image
 
 from jobs.demo import report
 from jobs.demo.commands import IMAGE_LATENTS, NUM_RANKS, image_latents_stage, run_job, train_image_task, train_stage
-from jobs.demo.inpainting import shape_pixels
+from jobs.demo.tasks.inpainting import shape_pixels
 from jobs.demo.scenes import scene_for_index
 from jobs.demo.stages import Stage, StageFailed
 from pipeline.conditions import colour_map
@@ -132,7 +132,7 @@ def _scores(results: dict, result: dict) -> list[str]:
             ["IoU with another scene's map", f"{ev['shuffled_iou']:.3f}"],
             ["the held-out scenes themselves", f"{ev['truth_iou']:.3f}"]]
     return ["## Headline", "", verdict_line, "", f"On {ev['num_images']} held-out maps; the shape in a picture is "
-            "its pixels far from its border's colour (jobs/demo/inpainting.py shape_pixels).", ""] + \
+            "its pixels far from its border's colour (jobs/demo/tasks/inpainting.py shape_pixels).", ""] + \
         report._table(["", "IoU"], rows)
 
 
