@@ -196,7 +196,8 @@ def guided_model(bundle, conditions: Conditions, cfg: SamplingConfig, latent_hw:
     with guide targets, image guiding on top (App. C)."""
     pair = condition_pair(bundle, conditions, latent_hw, device)
     if pair is None:
-        model = lambda z_t_BCHW, t_B: bundle.unet(z_t_BCHW, t_B)  # noqa: E731
+        def model(z_t_BCHW: Tensor, t_B: Tensor) -> Tensor:
+            return bundle.unet(z_t_BCHW, t_B)
     else:
         model = classifier_free_guidance(unet_with_conditions(bundle.unet), pair[0], pair[1], cfg.guidance_scale,
                                          t_max=cfg.guidance_t_max)
@@ -206,7 +207,7 @@ def guided_model(bundle, conditions: Conditions, cfg: SamplingConfig, latent_hw:
         raise ValueError("sampling.image_guidance_loss=lpips needs the LPIPS network: pass lpips= "
                          "(pipeline.models.weights.load_lpips)")
     distance = lpips.to(device) if cfg.image_guidance_loss == "lpips" else None
-    log_p = image_guide(lambda z: bundle.autoencoder.decode(z / bundle.scale_factor), conditions.guide_targets.to(device),
+    log_p = image_guide(lambda z: decode(bundle, z, clamp=False), conditions.guide_targets.to(device),
                         downsample_factor=cfg.image_guidance_downsample, distance=distance)
     return gradient_guidance(model, log_p, bundle.schedule, cfg.image_guidance_scale, objective=bundle.objective)
 
@@ -220,9 +221,11 @@ def to_uint8(x_BCHW: Tensor) -> Tensor:
     return ((x_BCHW.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def decode(bundle, z_BCHW: Tensor) -> Tensor:
-    """x = D(z / scale_factor) in [-1, 1], float32 (App. G: the model sees scale_factor * z)."""
-    return bundle.autoencoder.decode(z_BCHW.float() / bundle.scale_factor).float().clamp(-1, 1)
+def decode(bundle, z_BCHW: Tensor, clamp: bool = True) -> Tensor:
+    """x = D(z / scale_factor), float32 (App. G: the model sees scale_factor * z), clamped to [-1, 1]
+    unless `clamp` is off (image guiding differentiates through it: a clamp would cut the gradient)."""
+    x = bundle.autoencoder.decode(z_BCHW.float() / bundle.scale_factor).float()
+    return x.clamp(-1, 1) if clamp else x
 
 
 @torch.no_grad()
