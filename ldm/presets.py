@@ -20,16 +20,19 @@ from ldm.diffusion.conditioners import (
     TextTransformer,
     TextTransformerConfig,
 )
+from ldm.diffusion.layout import NUM_TOKENS, SEQUENCE_LENGTH, empty_layout_ids
 from ldm.diffusion.schedules import ScheduleConfig
 from ldm.diffusion.unet import UNet, UNetConfig
 
-CONDITIONER_KINDS = ("none", "text", "class", "concat", "rescaler")
+CONDITIONER_KINDS = ("none", "text", "layout", "class", "concat", "rescaler")
+TOKEN_KINDS = ("text", "layout")  # conditioners that read token ids through a transformer trained jointly
 
 
 @dataclass(frozen=True)
 class ConditionerConfig:
-    """tau_theta. "text": a transformer trained jointly (Eq. 3); "class": a learned embedding used as
-    a one-token context (App. E.2.1); "concat"/"rescaler": the condition is concatenated to z_t."""
+    """tau_theta. "text": a transformer trained jointly (Eq. 3) on caption tokens; "layout": the same transformer
+    on box tokens (ldm.diffusion.layout, App. E.2.1); "class": a learned embedding used as a one-token context
+    (App. E.2.1); "concat"/"rescaler": the condition is concatenated to z_t."""
     kind: str = "none"
     text: TextTransformerConfig | None = None
     num_classes: int = 0
@@ -41,12 +44,14 @@ class ConditionerConfig:
     def __post_init__(self):
         if self.kind not in CONDITIONER_KINDS:
             raise ValueError(f"conditioner.kind={self.kind!r}; choose one of {CONDITIONER_KINDS}")
-        if self.kind == "text" and self.text is None:
-            raise ValueError("conditioner.kind='text' needs conditioner.text (a TextTransformerConfig)")
+        if self.kind in TOKEN_KINDS and self.text is None:
+            raise ValueError(f"conditioner.kind={self.kind!r} needs conditioner.text (a TextTransformerConfig)")
 
     @property
     def context_dim(self) -> int | None:
-        return {"text": self.text and self.text.width, "class": self.embed_dim}.get(self.kind)
+        if self.kind in TOKEN_KINDS:
+            return self.text.width
+        return {"class": self.embed_dim}.get(self.kind)
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ class LDMModules(NamedTuple):
 
 
 def build_conditioner(cfg: ConditionerConfig) -> nn.Module | None:
-    if cfg.kind == "text":
+    if cfg.kind in TOKEN_KINDS:
         return TextTransformer(cfg.text)
     if cfg.kind == "class":
         return ClassEmbedder(cfg.num_classes, cfg.embed_dim)
@@ -126,12 +131,18 @@ def _linear(beta_start: float, beta_end: float) -> ScheduleConfig:
 
 # The paper's text encoder of the 1.45B model: BERT WordPiece vocabulary, 32 layers of width 1280.
 BERT_1P45B = TextTransformerConfig(vocab_size=30522, max_length=77, width=1280, depth=32, num_heads=8, head_dim=64)
-# Layout-to-image: boxes tokenised into 8192 tokens, 92 per image, a 16-layer transformer of width 512.
-LAYOUT_TRANSFORMER = TextTransformerConfig(vocab_size=8192, max_length=92, width=512, depth=16, num_heads=8,
-                                           head_dim=64, empty_ids=())
+# Layout-to-image: boxes tokenised into 8192 tokens, 92 per image, a 16-layer transformer of width 512. The empty
+# condition (guidance dropout, unconditional branch) is the empty layout: 30 padding slots and the full crop.
+LAYOUT_TRANSFORMER = TextTransformerConfig(vocab_size=NUM_TOKENS, max_length=SEQUENCE_LENGTH, width=512, depth=16,
+                                           num_heads=8, head_dim=64, empty_ids=empty_layout_ids(NUM_TOKENS))
 # Debug text encoder: the OpenCLIP BPE vocabulary (ships with open_clip, works offline), short captions.
 DEBUG_TEXT = TextTransformerConfig(vocab_size=49408, max_length=16, width=64, depth=2, num_heads=4, head_dim=16,
                                    empty_ids=(49406, 49407))
+# Debug layout encoder (tests): the paper's 8192-token box vocabulary and 92 tokens through a tiny transformer.
+DEBUG_LAYOUT = TextTransformerConfig(vocab_size=NUM_TOKENS, max_length=SEQUENCE_LENGTH, width=64, depth=2, num_heads=4,
+                                     head_dim=16, empty_ids=empty_layout_ids(NUM_TOKENS))
+DEMO_LAYOUT = TextTransformerConfig(vocab_size=257, max_length=SEQUENCE_LENGTH, width=64, depth=2, num_heads=4,
+                                    head_dim=16, empty_ids=empty_layout_ids(257))
 UNET_UNCOND_VQ4 = UNetConfig(3, 3, 224, (1, 2, 3, 4), 2, (8, 4, 2), num_head_channels=32)
 DEBUG_UNET = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_ds=(2,), num_head_channels=16)
 
@@ -180,8 +191,14 @@ PRESETS: dict[str, LDMPreset] = {
     "ldm-vq4-layout-openimages": LDMPreset(
         UNetConfig(3, 3, 128, (1, 2, 3, 4), 2, (8, 4, 2), num_head_channels=32, context_dim=512,
                    transformer_depth=3),
-        "vq-f4", 64, _linear(0.0015, 0.0205), ConditionerConfig("text", text=LAYOUT_TRANSFORMER),
-        loss_type="l1", paper_num_params=306e6),
+        "vq-f4", 64, _linear(0.0015, 0.0205), ConditionerConfig("layout", text=LAYOUT_TRANSFORMER),
+        loss_type="l1", paper_num_params=306e6, batch_size=24, learning_rate=4.8e-5, num_train_steps=4_400_000),
+    # COCO from scratch (Tab. 9 LDM-8, Tab. 15): the heads' width is not given; 32 channels as the OI model is our choice.
+    "ldm-vq8-layout-coco": LDMPreset(
+        UNetConfig(4, 4, 192, (1, 2, 4), 2, (1, 2, 4), num_head_channels=32, context_dim=512, transformer_depth=2,
+                   dropout=0.1),
+        "vq-f8", 32, _linear(0.0015, 0.0205), ConditionerConfig("layout", text=LAYOUT_TRANSFORMER),
+        loss_type="l1", paper_num_params=345e6, batch_size=48, learning_rate=4.8e-5, num_train_steps=170_000),
     "ldm-vq4-semantic": LDMPreset(
         UNetConfig(6, 3, 128, (1, 4, 8), 2, (), num_heads=8),
         "vq-f4", 64, _linear(0.0015, 0.0205),
@@ -194,6 +211,9 @@ PRESETS: dict[str, LDMPreset] = {
     "debug-cin": LDMPreset(
         UNetConfig(4, 4, context_dim=64, **DEBUG_UNET), "debug-kl", 16, _linear(0.0015, 0.0195),
         ConditionerConfig("class", num_classes=10, embed_dim=64), scale_factor=None),
+    "debug-layout": LDMPreset(
+        UNetConfig(4, 4, context_dim=64, **DEBUG_UNET), "debug-kl", 16, _linear(0.0015, 0.0205),
+        ConditionerConfig("layout", text=DEBUG_LAYOUT), loss_type="l1", scale_factor=None),
     "debug-uncond": LDMPreset(
         UNetConfig(4, 4, **DEBUG_UNET), "debug-vq", 16, _linear(0.0015, 0.0195)),
     # The CPU demo (jobs/demo/run.py): 32x32 scenes through debug-kl (f=4) -> 8x8x4 latents, a quarter of
@@ -216,6 +236,12 @@ PRESETS: dict[str, LDMPreset] = {
     "demo-cin": LDMPreset(
         UNetConfig(4, 4, context_dim=64, **DEBUG_UNET), "debug-kl", 8, _linear(0.0015, 0.0195),
         ConditionerConfig("class", num_classes=3, embed_dim=64), scale_factor=None),
+    # The CPU demo's layout-to-image model (jobs.demo --task layout): 8x8x4 latents of 32 px scenes of 1-3 shapes, their
+    # boxes as 92 tokens (30 object slots + crop) through a small transformer trained jointly. Its vocabulary of 257
+    # gives a 16x16 grid (2 px cells at 32 px) where the paper's 8192 gives 90x90 for 256 px.
+    "demo-layout": LDMPreset(
+        UNetConfig(4, 4, context_dim=64, **{**DEBUG_UNET, "attention_ds": (1, 2)}), "debug-kl", 8,
+        _linear(0.0015, 0.0205), ConditionerConfig("layout", text=DEMO_LAYOUT), loss_type="l1", scale_factor=None),
     "debug-sr": LDMPreset(
         UNetConfig(7, 4, **DEBUG_UNET), "debug-vq", 16, _linear(0.0015, 0.0155),
         ConditionerConfig("concat", concat_channels=3)),

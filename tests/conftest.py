@@ -16,7 +16,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # file goes whole to one worker, as --dist loadfile does, so module fixtures start once.
 # (xdist_group markers cannot do this: xdist 3.8 renames node ids through Item._nodeid, which
 # pytest 9.2 no longer reads.)
-RAY_FILES = {"test_demo", "test_ingest", "test_ingest_two_nodes", "test_precompute", "test_slurm"}
+RAY_FILES = {"test_demo", "test_ingest", "test_ingest_two_nodes", "test_precompute", "test_slurm", "test_url_sources"}
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -3,6 +3,8 @@ import dataclasses
 import pytest
 import torch
 
+from ldm.diffusion.conditioners import TextTransformer
+from ldm.diffusion.layout import LayoutTokenizer
 from ldm.diffusion.unet import UNetConfig
 from ldm.presets import (
     PRESETS,
@@ -50,7 +52,9 @@ def test_every_paper_preset_builds_on_meta_and_is_near_its_paper_count(name):
     preset = PRESETS[name]
     assert preset.paper_num_params, f"{name} lacks the paper's count"
     # The layout and semantic rows have no released config to check against; allow 10% there.
-    tolerance = 0.10 if name in ("ldm-vq4-layout-openimages", "ldm-vq4-semantic", "ldm-vq4-inpainting-big") else 0.03
+    # COCO's LDM-8 (Tab. 15: 345M) counts 367M here: its heads and attention placement are not released either.
+    loose = ("ldm-vq4-layout-openimages", "ldm-vq8-layout-coco", "ldm-vq4-semantic", "ldm-vq4-inpainting-big")
+    tolerance = 0.10 if name in loose else 0.03
     assert abs(_count(name) / preset.paper_num_params - 1) <= tolerance
 
 
@@ -94,5 +98,18 @@ def test_preset_consistency_errors_name_the_field():
 
 def test_every_family_has_a_debug_preset():
     kinds = {PRESETS[n].conditioner.kind for n in PRESETS if n.startswith("debug-")}
-    assert {"text", "class", "concat", "none"} <= kinds
+    assert {"text", "layout", "class", "concat", "none"} <= kinds
+
+
+@pytest.mark.parametrize("name", [n for n in PRESETS if PRESETS[n].conditioner.kind == "layout"])
+def test_a_layout_presets_empty_condition_is_the_tokenizers_empty_layout(name):
+    """Guidance dropout and the unconditional branch read the layout without boxes (30 pad slots, full crop),
+    in the vocabulary the preset embeds."""
+    text = PRESETS[name].conditioner.text
+    with torch.device("meta"):
+        vocab = build(name).conditioner.token_embedding.num_embeddings
+    tokens, _ = LayoutTokenizer(3, num_tokens=text.vocab_size).encode([])
+    assert vocab == text.vocab_size and text.max_length == tokens.numel() == 92
+    assert torch.equal(TextTransformer(dataclasses.replace(text, depth=0, width=8)).null_condition(2),
+                       tokens.expand(2, -1))
     assert isinstance(PRESETS["debug-t2i"], LDMPreset) and isinstance(PRESETS["debug-t2i"].unet, UNetConfig)

@@ -54,12 +54,14 @@ def test_experiments_compose_and_validate(experiment):
 
 PAPER_EXPERIMENTS = {"cin-ldm4": ("ldm-vq4-cin", 250, 1.5), "cin-ldm8": ("ldm-vq8-cin", 200, 1.0),
                      "celebahq": ("ldm-vq4-celebahq", 500, 1.0), "ffhq": ("ldm-vq4-ffhq", 200, 1.0),
-                     "churches": ("ldm-kl8-churches", 200, 1.0), "bedrooms": ("ldm-vq4-bedrooms", 200, 1.0)}
+                     "churches": ("ldm-kl8-churches", 200, 1.0), "bedrooms": ("ldm-vq4-bedrooms", 200, 1.0),
+                     "layout-oi-ldm4": ("ldm-vq4-layout-openimages", 200, 1.0),
+                     "layout-coco-ldm8": ("ldm-vq8-layout-coco", 100, 1.0)}
 
 
 @pytest.mark.parametrize("experiment", sorted(PAPER_EXPERIMENTS))
-def test_class_and_unconditional_experiments_train_with_their_presets_table_settings(experiment):
-    """Tab. 3 / 10 / 12: each experiment's batch, steps and learning rate are its preset's (the paper's), and
+def test_class_layout_and_unconditional_experiments_train_with_their_presets_table_settings(experiment):
+    """Tab. 3 / 9 / 10 / 12 / 15: each experiment's batch, steps and learning rate are its preset's (the paper's), and
     it samples with the paper's steps and guidance; the global batch divides into the per-GPU batches."""
     preset_name, steps, guidance = PAPER_EXPERIMENTS[experiment]
     cfg = make_config([f"experiment={experiment}", "data.path=data/latents"])
@@ -69,7 +71,7 @@ def test_class_and_unconditional_experiments_train_with_their_presets_table_sett
     assert preset.learning_rate is None or cfg.optim.lr == preset.learning_rate
     assert (cfg.trainer.sample_steps, cfg.trainer.guidance_scale) == (steps, guidance)
     assert cfg.trainer.global_batch_size % cfg.data.batch_size == 0
-    assert cfg.condition_key == ("label" if preset.conditioner.kind == "class" else None)
+    assert cfg.condition_key == {"class": "label", "layout": "tokens"}.get(preset.conditioner.kind)
     assert cfg.model.cond_dropout == (0.1 if preset.conditioner.kind == "class" else 0.0)
 
 

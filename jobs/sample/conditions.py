@@ -2,6 +2,7 @@
 
 `Conditions` holds one entry per sample, of exactly the kind the model was trained with:
     text ("text" conditioner)        prompts      -> bundle.tokenizer -> tau_theta -> context [B, L, D]
+    layout ("layout")                 layouts      boxes -> layout tokens (bundle.tokenizer) -> tau_theta -> context
     class ("class")                   class_ids    -> ClassEmbedder -> one-token context [B, 1, D]
     super-resolution ("concat")       images       low-res RGB in [-1, 1], concatenated with z_t (Sec. 4.4)
     inpainting ("concat")             images+masks masked image encoded by the first stage + mask (Sec. 4.5)
@@ -24,11 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ldm.diffusion.tokenizers import build_tokenizer
+from pipeline.conditions.layouts import tokenizer_of
 
-KIND_INPUTS = {"none": (), "text": ("prompts",), "class": ("class_ids",), "concat": ("images", "masks"),
-               "rescaler": ("maps",)}
-INPUT_KEYS = {"prompts": "prompts / prompt_file", "class_ids": "class_ids", "images": "images", "masks": "masks",
-              "maps": "maps"}
+KIND_INPUTS = {"none": (), "text": ("prompts",), "layout": ("layouts",), "class": ("class_ids",),
+               "concat": ("images", "masks"), "rescaler": ("maps",)}
+INPUT_KEYS = {"prompts": "prompts / prompt_file", "layouts": "layouts", "class_ids": "class_ids", "images": "images",
+              "masks": "masks", "maps": "maps"}
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Conditions:
     images: [N, 3, H, W] in [-1, 1] (SR: the low-res input; inpainting: the image to complete).
     masks: [N, 1, H, W] in {0, 1}, 1 = the region to generate (inpainting only, with `images`).
     maps: [N, H, W] integer class ids at image size (semantic synthesis).
+    layouts: N lists of ldm.diffusion.layout.Box, image-relative (layout-to-image; the crop is the whole image).
     guide_targets: [N, 3, h, w] in [-1, 1], the images y of image guiding (App. C, Eq. 17), with any model:
         sampling.image_guidance_scale > 0 pulls T(D(z0_hat)) towards them (jobs.sample.generate).
     """
@@ -46,6 +49,7 @@ class Conditions:
     images: Tensor | None = None
     masks: Tensor | None = None
     maps: Tensor | None = None
+    layouts: list | None = None
     guide_targets: Tensor | None = None
 
     def given(self) -> list[str]:
@@ -86,10 +90,13 @@ def check_conditions(bundle, conditions: Conditions, num_seeds: int) -> None:
         _check_images(bundle, conditions)
     if kind == "rescaler":
         _check_maps(bundle, conditions.maps)
+    if kind == "layout":
+        layout_tokens(bundle, conditions.layouts)
 
 
 def _describe(kind: str) -> str:
-    return {"none": "unconditional", "text": "text-conditional", "class": "class-conditional",
+    return {"none": "unconditional", "text": "text-conditional", "layout": "layout-conditional (boxes)",
+            "class": "class-conditional",
             "concat": "conditioned on an image (super-resolution / inpainting)",
             "rescaler": "conditioned on a segmentation map (semantic synthesis)"}[kind]
 
@@ -147,6 +154,24 @@ def _tokenizer(bundle):
     return _cached_tokenizer(spec["kind"], spec.get("name_or_path"), spec["max_length"])
 
 
+def layout_tokens(bundle, layouts: list) -> Tensor:
+    """[N, L] tokens of box lists in the vocabulary the model was trained with (its manifest's layout tokenizer);
+    ValueError naming the layout for a box the tokenizer refuses (outside [0, 1], an unknown category)."""
+    spec = bundle.tokenizer
+    if spec is None or spec.get("kind") != "layout":
+        raise ValueError(f"preset {bundle.preset_name} from {(bundle.source or {}).get('path')} records no layout "
+                         f"tokenizer ({spec}), so boxes cannot become tokens: export it with its training data's "
+                         "manifest (precompute layout.boxes_key)")
+    tokenizer = tokenizer_of(spec)
+    rows = []
+    for i, boxes in enumerate(layouts):
+        try:
+            rows.append(tokenizer.encode(boxes)[0])
+        except ValueError as err:
+            raise ValueError(f"layout {i}: {err}") from err
+    return torch.stack(rows)
+
+
 def _context_pair(bundle, inputs_B, tau) -> tuple[dict, dict]:
     conditioner = bundle.conditioner
     return ({"context": tau(inputs_B)},
@@ -192,6 +217,8 @@ def condition_pair(bundle, conditions: Conditions, latent_hw: tuple[int, int],
     if kind == "text":
         tokens_BL = _tokenizer(bundle)(conditions.prompts).to(device)
         return _context_pair(bundle, tokens_BL, bundle.conditioner)
+    if kind == "layout":
+        return _context_pair(bundle, layout_tokens(bundle, conditions.layouts).to(device), bundle.conditioner)
     if kind == "class":
         labels_B = torch.tensor([int(c) for c in conditions.class_ids], dtype=torch.long, device=device)
         return _context_pair(bundle, labels_B, bundle.conditioner)

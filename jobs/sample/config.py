@@ -1,7 +1,7 @@
 """Structured-config schema of `python -m jobs.sample` (conf/sample.yaml).
 
 What to sample from (`source`, `weights`, `autoencoder`), what to condition on (exactly one of
-`prompts`, `prompt_file`, `class_ids`, `images` [+ `masks`], `maps`, or nothing for unconditional models with
+`prompts`, `prompt_file`, `class_ids`, `images` [+ `masks`], `maps`, `layouts`, or nothing for unconditional models with
 `num_samples`; `guide_images` adds image guiding to any of them), how many (`num_per_prompt` per condition), which global indices (`indices`, default
 all), where (`out_dir`), and how (`sampling`, jobs.sample.generate.SamplingConfig). Checks that need no
 model run here and raise ValueError naming the key; the model-dependent ones run before any sampling.
@@ -27,6 +27,8 @@ class SampleConfig:
     images: str | None = None            # SR: low-res inputs; inpainting: images to complete (a file or folder)
     masks: str | None = None             # inpainting: masks (white = generate), same count and order as images
     maps: str | None = None              # semantic: segmentation maps (8-bit grey PNG of class ids; a file or folder)
+    layouts: str | None = None           # layout-to-image: a JSON-lines file, one list of boxes per line, each
+                                         # {"category": int, "bbox": [x0, y0, w, h] in [0, 1], "is_group_of": bool}
     guide_images: str | None = None      # image guiding (App. C): one target per condition (per row alone when
                                          # unconditional), with sampling.image_guidance_scale > 0
     lpips_vgg_path: str | None = None    # sampling.image_guidance_loss=lpips: torchvision's VGG16 file; None: hub cache
@@ -41,12 +43,13 @@ class SampleConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def given_conditions(self) -> list[str]:
-        return [k for k in ("prompts", "prompt_file", "class_ids", "images", "maps") if getattr(self, k) is not None]
+        return [k for k in ("prompts", "prompt_file", "class_ids", "images", "maps", "layouts")
+                if getattr(self, k) is not None]
 
     def __post_init__(self):
         given = self.given_conditions()
         checks = [
-            (len(given) <= 1, f"set only one of prompts, prompt_file, class_ids, images, maps (got {given})"),
+            (len(given) <= 1, f"set only one of prompts, prompt_file, class_ids, images, maps, layouts (got {given})"),
             (self.masks is None or self.images is not None, "masks=... needs images=... (the images to inpaint)"),
             (self.weights in WEIGHTS, f"weights={self.weights!r}: use one of {WEIGHTS}"),
             (self.num_per_prompt >= 1, f"num_per_prompt={self.num_per_prompt}: must be >= 1"),

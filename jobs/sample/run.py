@@ -6,6 +6,7 @@
     python -m jobs.sample source=exports/cin class_ids=[1,7] out_dir=samples/z     # class-conditional
     python -m jobs.sample source=exports/sr images=lowres/ out_dir=samples/sr     # super-resolution
     python -m jobs.sample source=runs/semantic maps=maps/ out_dir=samples/sem     # semantic synthesis
+    python -m jobs.sample source=runs/layout layouts=boxes.jsonl out_dir=samples/l  # layout-to-image
     python -m jobs.sample ... indices=[17]             # regenerate sample 17 alone, identical
 
 Global index i: condition i // num_per_prompt (prompt, class id or image, in the given order), seed
@@ -39,6 +40,9 @@ from jobs.sample.generate import (
     image_size,
     seeds_for,
 )
+from jobs.sample.conditions import layout_tokens
+from ldm.diffusion.layout import Box
+from pipeline.conditions.layouts import parse_boxes
 from pipeline.models.weights import load_lpips_or_explain
 from pipeline.shards import atomic_write_bytes, atomic_write_json
 
@@ -71,6 +75,8 @@ class SamplePlan:
         if self.key == "map":
             return Conditions(maps=self.values[rows], guide_targets=guides)
         values = [self.values[r] for r in rows]
+        if self.key == "layout":
+            return Conditions(layouts=values, guide_targets=guides)
         if self.key == "prompt":
             return Conditions(prompts=values, guide_targets=guides)
         return Conditions(class_ids=values, guide_targets=guides)
@@ -97,6 +103,20 @@ def _read_prompts(path: str) -> list[str]:
     if not prompts:
         raise ValueError(f"prompt_file={path!r} holds no prompts: one prompt per line")
     return prompts
+
+
+def _read_layouts(path: str) -> tuple[list[list], list[list[Box]]]:
+    """(what samples.json records, the boxes) of a JSON-lines file holding one list of boxes per line."""
+    if not Path(path).is_file():
+        raise ValueError(f"layouts={path!r} does not exist: give a JSON-lines file, one list of boxes per line")
+    labels, layouts = [], []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            layouts.append(parse_boxes(line, f"layouts={path!r} line {number}"))
+            labels.append(json.loads(line))
+    if not layouts:
+        raise ValueError(f"layouts={path!r} holds no layouts: one JSON list of boxes per line")
+    return labels, layouts
 
 
 def _image_files(path: str, key: str) -> list[Path]:
@@ -162,6 +182,9 @@ def _condition_plan(cfg: SampleConfig) -> SamplePlan:
     if cfg.prompts is not None or cfg.prompt_file is not None:
         prompts = list(cfg.prompts) if cfg.prompts is not None else _read_prompts(cfg.prompt_file)
         return SamplePlan(len(prompts) * n, n, "prompt", prompts, prompts)
+    if cfg.layouts is not None:
+        labels, layouts = _read_layouts(cfg.layouts)
+        return SamplePlan(len(layouts) * n, n, "layout", labels, layouts)
     if cfg.class_ids is not None:
         ids = [int(c) for c in cfg.class_ids]
         return SamplePlan(len(ids) * n, n, "class_id", ids, ids)
@@ -182,7 +205,7 @@ def _condition_plan(cfg: SampleConfig) -> SamplePlan:
         files = _image_files(cfg.maps, "maps")
         return SamplePlan(len(files) * n, n, "map", [str(f) for f in files], _load_maps(files, "maps"))
     if cfg.num_samples is None:
-        raise ValueError("nothing to condition on: pass prompts / prompt_file / class_ids / images / maps, or "
+        raise ValueError("nothing to condition on: pass prompts / prompt_file / class_ids / images / maps / layouts, or "
                          "num_samples=N for an unconditional model")
     return SamplePlan(cfg.num_samples, 1, None, [], None)
 
@@ -287,6 +310,8 @@ def sample(cfg: SampleConfig) -> dict | None:
         check_request(bundle, first, seeds_for(indices[:1], cfg.seed), cfg.sampling)  # fails before any work
         if plan.key == "map":
             check_maps(bundle, plan)
+        if plan.key == "layout":
+            layout_tokens(bundle, plan.values)  # every layout's boxes, before any sample
         lpips = None
         if cfg.sampling.image_guidance_scale > 0 and cfg.sampling.image_guidance_loss == "lpips":
             lpips = load_lpips_or_explain(cfg.lpips_vgg_path, cfg.lpips_heads_path,

@@ -132,9 +132,9 @@ class TrainConfig:
         kind, data = self.model.conditioner_kind, self.data
         preset = f"model.preset={self.model.preset!r}"
         spatial = kind in ("concat", "rescaler")
-        _check([(kind in ("text", "class", "none", "concat", "rescaler"),
+        _check([(kind in ("text", "layout", "class", "none", "concat", "rescaler"),
                  f"{preset} has a {kind!r} conditioner, which jobs.train cannot feed: choose a text-to-image, "
-                 f"class-conditional, unconditional, super-resolution, inpainting or semantic preset"),
+                 f"layout, class-conditional, unconditional, super-resolution, inpainting or semantic preset"),
                 (not spatial or data.condition is not None,
                  f"{preset} concatenates a condition to z_t: set data.condition (one of {CONDITIONS})"),
                 (data.condition is None or spatial,
@@ -153,6 +153,9 @@ class TrainConfig:
                  "the preset's text transformer reads token ids: set data.use_tokens=true (latents precomputed "
                  "with a tokenizer), or data.use_context=true model.train_text_encoder=false (latents precomputed "
                  "with a frozen text encoder)"),
+                (kind != "layout" or (data.use_tokens and not data.use_context),
+                 f"{preset} is layout-to-image: its transformer reads the layout tokens, set data.use_tokens=true "
+                 f"(latents precomputed with layout.boxes_key) and data.use_context=false"),
                 (not data.use_context or kind == "text",
                  f"data.use_context=true feeds a text context to cross-attention; {preset} has a {kind!r} "
                  f"conditioner: choose a text-to-image preset or set data.use_context=false"),
@@ -170,4 +173,6 @@ class TrainConfig:
         kind = self.model.conditioner_kind
         if kind == "text":
             return "context" if self.data.use_context else "tokens"
+        if kind == "layout":
+            return "tokens"
         return {"class": "label", "concat": "concat", "rescaler": "concat"}.get(kind)

@@ -19,7 +19,7 @@ from jobs.train.config import OptimConfig, TrainConfig
 from ldm.diffusion.conditioners import CONCAT_CONDITIONERS
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.diffusion.unet import TimestepBlock, UNet
-from ldm.presets import PRESETS, LDMPreset, build_conditioner
+from ldm.presets import PRESETS, TOKEN_KINDS, LDMPreset, build_conditioner
 
 # Dense bf16 matmul peaks (TFLOP/s) of GPUs we know, for MFU when trainer.peak_tflops is unset.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -218,7 +218,7 @@ def train_flops_per_image(preset_name: str, train_text_encoder: bool = True,
     Attention FLOPs come from the SDPA rules of torch.utils.flop_counter.
     """
     preset = PRESETS[preset_name]
-    runs_encoder = preset.conditioner.kind == "text" and not context_length
+    runs_encoder = preset.conditioner.kind in TOKEN_KINDS and not context_length
     with torch.device("meta"):
         module = TrainModule(UNet(preset.unet), build_conditioner(preset.conditioner) if runs_encoder else None)
         channels, size = preset.unet.in_channels, preset.latent_size
@@ -238,7 +238,7 @@ def _meta_condition(preset: LDMPreset, context_length: int | None) -> torch.Tens
     kind, context_dim = preset.conditioner.kind, preset.unet.context_dim
     if kind == "text" and context_length:
         return torch.zeros(1, context_length, context_dim)
-    if kind == "text":
+    if kind in TOKEN_KINDS:
         return torch.zeros(1, preset.conditioner.text.max_length, dtype=torch.long)
     return torch.zeros(1, 1, context_dim) if kind == "class" else None  # a class is a one-token context
 

@@ -200,6 +200,12 @@ class LayoutTokenizer:
         return boxes, (cx0, cy0, cx1, cy1)
 
 
+def empty_layout_ids(num_tokens: int = NUM_TOKENS, max_objects: int = MAX_OBJECTS) -> tuple[int, ...]:
+    """Tokens of a layout without boxes over the full crop: the empty condition of classifier-free guidance
+    (every class count gives the same sequence: padding holds no class token)."""
+    return tuple(LayoutTokenizer(1, max_objects, num_tokens).encode([])[0].tolist())
+
+
 def _require(obj: dict, key: str):
     if key not in obj:
         raise ValueError(f"box dict is missing key {key!r} (has {sorted(obj)}); expected "

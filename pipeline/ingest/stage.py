@@ -37,6 +37,8 @@ from pipeline.ingest.url_lists import (
 from pipeline.ray_cluster import RayConfig, init_ray
 from pipeline.shards import atomic_write_bytes, atomic_write_json
 
+# Layout boxes (jobs.url_list) are relative to the whole picture: only resize modes that keep all of it keep them right.
+BOXES_COLUMN, BOX_RESIZE_MODES = "boxes", ("keep_ratio", "keep_ratio_largest", "no")
 # Columns img2dataset writes itself; input columns of these names are kept as source_<name>.
 IMG2DATASET_COLUMNS = ("key", "status", "error_message", "width", "height", "original_width", "original_height",
                        "exif", "sha256", "md5")
@@ -106,6 +108,10 @@ def plan_parts(cfg: IngestConfig) -> dict:
                              "choose another output_dir or delete that one")
         return plan
     frame = read_url_lists(cfg.inputs, cfg.url_col, cfg.caption_col, cfg.map_col)
+    if BOXES_COLUMN in frame.columns and cfg.resize_mode not in BOX_RESIZE_MODES:
+        raise ValueError(f"the URL list has a {BOXES_COLUMN!r} column (boxes relative to the whole picture, "
+                         f"jobs.url_list) but resize_mode={cfg.resize_mode!r} cuts or pads the picture, so the boxes "
+                         f"would no longer fit it: set resize_mode to one of {BOX_RESIZE_MODES}")
     kept, dropped = apply_filters(frame, cfg.filters)
     kept, url_dupes = dedup_urls(kept) if cfg.dedup_urls else (kept, 0)
     kept = kept.rename(columns={c: saved_column(c) for c in IMG2DATASET_COLUMNS})

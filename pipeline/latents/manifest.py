@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from ldm.autoencoder.model import DiagonalGaussian
+from pipeline.conditions.layouts import LAYOUT_COUNTS
 from pipeline.shards import atomic_write_json, iter_samples
 
 FORMAT, SCHEMA_VERSION = "ldm-pipeline/latents", 1
 MANIFEST_FILE = "manifest.json"
-SKIP_REASONS = ("corrupt_image", "missing_caption", "too_small", "truncated_tar")
+SKIP_REASONS = ("corrupt_image", "missing_caption", "too_small", "truncated_tar", "bad_boxes")
 STORAGE_KINDS = ("moments", "latents")  # KL: [mean, logvar] of q(z|x); VQ: pre-quantisation z (App. G)
 
 
@@ -36,13 +37,16 @@ def build_manifest(*, encoder: dict, resolution: int, crop: str, dtype: str, lat
     storage = "moments" if encoder["kind"] == "kl" else "latents"
     skipped = {reason: sum(s["skipped"].get(reason, 0) for s in shards) for reason in SKIP_REASONS}
     kept = [{k: s[k] for k in ("name", "count", "sha256", "source")} for s in shards if s["count"] > 0]
+    layout = None  # layout tokens: the boxes dropped (truncated past max_objects, outside their crop)
+    if any("layout" in s for s in shards):
+        layout = {name: sum(s.get("layout", {}).get(name, 0) for s in shards) for name in LAYOUT_COUNTS}
     return {"format": FORMAT, "schema_version": SCHEMA_VERSION,
             "encoder": {k: encoder[k] for k in ("kind", "config", "sha256", "source")},
             "resolution": resolution, "crop": crop, "dtype": dtype, "storage": storage,
             "latent_shape": list(latent_shape), "scale_factor": scale_factor,
             "scale_factor_source": scale_factor_source, "num_samples": sum(s["count"] for s in kept),
             "shards": sorted(kept, key=lambda s: s["name"]), "skipped": skipped, "tokenizer": tokenizer,
-            "text_encoder": text_encoder, "images": images}
+            "text_encoder": text_encoder, "images": images, "layout": layout}
 
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> Path:

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from pipeline.conditions import decode_map
+from pipeline.conditions.layouts import LAYOUT_COUNTS, LayoutPolicy, layout_tokens
 from pipeline.latents.manifest import SKIP_REASONS
 from pipeline.shards import atomic_write_json, iter_samples, write_shard
 
@@ -77,6 +78,7 @@ class Decoded:
     meta: dict
     image_png: bytes | None = None  # ImagePolicy.keep_image
     map_png: bytes | None = None    # ImagePolicy.map_classes: the cropped map, mode "L"
+    tokens: np.ndarray | None = None  # a LayoutPolicy: the crop's layout tokens (KEY.tokens.npy)
 
 
 def shard_paths(out_dir: str | Path, name: str) -> dict[str, Path]:
@@ -157,8 +159,10 @@ def _meta(sample: dict) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def decode_sample(sample: dict, policy: ImagePolicy, source: str) -> tuple[Decoded, np.ndarray] | str:
-    """(what the output keeps, uint8 image [3, R, R]) of one img2dataset sample, or why it is skipped."""
+def decode_sample(sample: dict, policy: ImagePolicy, source: str, layout: LayoutPolicy | None = None,
+                  layout_counts: dict[str, int] | None = None) -> tuple[Decoded, np.ndarray] | str:
+    """(what the output keeps, uint8 image [3, R, R]) of one img2dataset sample, or why it is skipped.
+    `layout`: the sample's boxes become its crop's tokens; their drops add to `layout_counts`."""
     meta = _meta(sample)
     caption = _caption(sample, meta)
     if not caption:
@@ -170,12 +174,19 @@ def decode_sample(sample: dict, policy: ImagePolicy, source: str) -> tuple[Decod
     image, reason, box = prepare_image(data, policy, where)
     if reason:
         return reason
-    map_png = None
+    map_png, tokens = None, None
     if policy.map_classes:
         map_png = prepare_map(sample.get("seg.png"), policy, box, Image.open(io.BytesIO(data)).size, where)
+    if layout is not None:
+        try:
+            tokens, counts = layout_tokens(meta, Image.open(io.BytesIO(data)).size, box, layout, where)
+        except ValueError:
+            return "bad_boxes"
+        for name in LAYOUT_COUNTS:
+            layout_counts[name] += counts[name]
     meta |= {"source_shard": source, "source_key": sample["__key__"], "crop_box": box}
     return Decoded(sample["__key__"], caption, meta, png_bytes(image) if policy.keep_image else None,
-                   map_png), image
+                   map_png, tokens), image
 
 
 def png_bytes(image_3HW: np.ndarray) -> bytes:
@@ -215,11 +226,12 @@ def read_image_samples(path: Path, skipped: dict[str, int]) -> Iterator[dict]:
 
 
 def decoded_batches(path: Path, policy: ImagePolicy, batch_size: int, kept: list[Decoded],
-                    skipped: dict[str, int]) -> Iterator[np.ndarray]:
-    """uint8 image batches [B, 3, R, R] of a shard, lazily; `kept` and `skipped` fill as it goes."""
+                    skipped: dict[str, int], layout: LayoutPolicy | None = None,
+                    layout_counts: dict[str, int] | None = None) -> Iterator[np.ndarray]:
+    """uint8 image batches [B, 3, R, R] of a shard, lazily; `kept`, `skipped` (and `layout_counts`) fill as it goes."""
     batch = []
     for sample in read_image_samples(path, skipped):
-        decoded = decode_sample(sample, policy, path.name)
+        decoded = decode_sample(sample, policy, path.name, layout, layout_counts)
         if isinstance(decoded, str):
             skipped[decoded] += 1
             continue
@@ -317,20 +329,29 @@ def encode_captions(kept: list[Decoded], tokenize: Callable[[list[str]], torch.T
 
 def process_shard(source: Path, out_dir: Path, policy: ImagePolicy, batch_size: int, encode_chunks: EncodeChunks,
                   tokenize: Callable[[list[str]], torch.Tensor] | None = None,
-                  encode_text: EncodeChunks | None = None) -> dict:
+                  encode_text: EncodeChunks | None = None, layout: LayoutPolicy | None = None) -> dict:
     """Encode image shard `source` into `out_dir/<same name>`, mark it finished; returns its stats.
 
     `encode_text` (needs `tokenize`): token chunks [B, L] -> frozen text encoder contexts [B, L, D].
+    `layout` (instead of `tokenize`): KEY.tokens.npy holds each crop's layout tokens; stats["layout"] counts
+    the boxes dropped (pipeline.conditions.layouts).
     """
     assert encode_text is None or tokenize is not None, "the text encoder reads the tokenized captions"
+    assert layout is None or tokenize is None, "KEY.tokens.npy holds caption tokens or layout tokens"
     start = time.perf_counter()
     kept: list[Decoded] = []
     skipped = dict.fromkeys(SKIP_REASONS, 0)
-    latents = [z for batch in encode_chunks(decoded_batches(source, policy, batch_size, kept, skipped)) for z in batch]
+    layout_counts = dict.fromkeys(LAYOUT_COUNTS, 0)
+    batches = decoded_batches(source, policy, batch_size, kept, skipped, layout, layout_counts)
+    latents = [z for batch in encode_chunks(batches) for z in batch]
     tokens, contexts = encode_captions(kept, tokenize, encode_text, batch_size)
+    if layout is not None and kept:
+        tokens = np.stack([d.tokens for d in kept])
     paths = shard_paths(out_dir, source.name)
     stats = {"name": source.name, "source": source.name, "count": len(kept), "skipped": skipped,
              "sha256": None, "bytes": 0}
+    if layout is not None:
+        stats["layout"] = layout_counts
     paths["stats"].parent.mkdir(parents=True, exist_ok=True)
     if kept:  # an all-skipped shard leaves no tar, only its stats
         write_shard(paths["tar"], latent_samples(kept, latents, tokens, contexts))

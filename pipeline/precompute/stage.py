@@ -13,6 +13,10 @@ With `text_encoder.kind` set, the encoder actors also run a frozen text encoder 
 CLIP) on the tokenized captions and each sample keeps its context [L, D] (KEY.context.npy); the
 folder gets `null_context.npy`, the context of the empty caption that classifier-free guidance
 trains with, and the manifest names the encoder (pipeline.models.text_encoder) and its tokenizer.
+With `layout.boxes_key` set, KEY.tokens.npy holds each crop's layout tokens instead of caption tokens
+(pipeline.conditions.layouts: the boxes of KEY.json, App. E.2.1); the manifest's tokenizer is
+{"kind": "layout", ...} and its `layout` entry counts the boxes dropped; a sample with malformed boxes
+is skipped and counted ("bad_boxes").
 
 Exactly once: output shards are a pure function of their input shard and the settings, written
 under a temp name and renamed, then marked finished; a rerun skips finished shards. A killed
@@ -36,7 +40,9 @@ import numpy as np
 import torch
 
 from ldm.autoencoder.config import latent_shape
+from ldm.diffusion.layout import MAX_OBJECTS, NUM_TOKENS
 from ldm.diffusion.tokenizers import TOKENIZER_KINDS, build_tokenizer
+from pipeline.conditions.layouts import LayoutPolicy
 from pipeline.latents.manifest import (
     build_manifest,
     estimate_scale_factor,
@@ -73,6 +79,14 @@ class TokenizerConfig:
 
 
 @dataclass
+class LayoutConfig:
+    boxes_key: str | None = None     # KEY.json key of each sample's boxes (jobs.url_list: boxes); None: no layouts
+    num_classes: int | None = None   # box categories 0..num_classes-1 (the URL list's classes.txt)
+    num_tokens: int = NUM_TOKENS     # the shared vocabulary (sets the coordinate grid: int(sqrt(num_tokens)))
+    max_objects: int = MAX_OBJECTS   # boxes past this many are dropped and counted
+
+
+@dataclass
 class PrecomputeConfig:
     input_dir: str = ""               # image shards in img2dataset layout (jobs.ingest's output_dir)
     output_dir: str = ""
@@ -99,6 +113,7 @@ class PrecomputeConfig:
     max_retries: int = 3              # Ray retries of a dead shard task, restarts of a dead encoder
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # KEY.context.npy when set
+    layout: LayoutConfig = field(default_factory=LayoutConfig)  # KEY.tokens.npy of each crop's boxes when set
     ray: RayConfig = field(default_factory=RayConfig)
     fail_once_marker: str | None = None  # tests only: the shard task that creates this file dies mid-shard
 
@@ -121,7 +136,19 @@ class PrecomputeConfig:
             if not ok:
                 raise ValueError(message)
         self._check_tokenizer_matches_text_encoder()
+        self._check_layout()
         image_policy(self)  # checks the crop fractions and the resize filter
+
+    def _check_layout(self) -> None:
+        if self.layout.boxes_key is None:
+            return
+        if self.tokenizer.kind or self.text_encoder.kind:
+            raise ValueError(f"layout.boxes_key={self.layout.boxes_key!r} stores layout tokens in KEY.tokens.npy, "
+                             "which then cannot hold caption tokens too: unset tokenizer.kind and text_encoder.kind")
+        if self.layout.num_classes is None:
+            raise ValueError("layout.boxes_key is set but layout.num_classes is not: set it to the number of box "
+                             "categories (the lines of the URL list's classes.txt)")
+        layout_policy(self)  # checks num_classes, num_tokens and max_objects together
 
     def _check_tokenizer_matches_text_encoder(self) -> None:
         tok = self.tokenizer
@@ -136,6 +163,8 @@ class PrecomputeConfig:
 
     def resolved_tokenizer(self) -> dict | None:
         """The tokenizer of KEY.tokens.npy (and of the text encoder's input), as the manifest records it."""
+        if self.layout.boxes_key is not None:
+            return layout_policy(self).spec()
         if self.text_encoder.kind:
             return self.text_encoder.tokenizer(self.tokenizer.max_length)
         return dataclasses.asdict(self.tokenizer) if self.tokenizer.kind else None
@@ -212,6 +241,21 @@ def _dies_once(encode_chunks, marker: str):
     return encode
 
 
+def layout_policy(cfg: PrecomputeConfig) -> LayoutPolicy | None:
+    layout = cfg.layout
+    if layout.boxes_key is None:
+        return None
+    return LayoutPolicy(layout.boxes_key, layout.num_classes, layout.num_tokens, layout.max_objects, cfg.seed)
+
+
+def caption_tokenizer(cfg: PrecomputeConfig):
+    """The captions' tokenizer (texts -> [B, L]), or None: no caption tokens (none configured, or layout tokens)."""
+    tok = cfg.resolved_tokenizer()
+    if tok is None or tok["kind"] == "layout":
+        return None
+    return build_tokenizer(tok["kind"], tok["name_or_path"], tok["max_length"])
+
+
 def image_policy(cfg: PrecomputeConfig) -> ImagePolicy:
     return ImagePolicy(cfg.resolution, cfg.crop, cfg.seed, cfg.min_crop_fraction, cfg.max_crop_fraction,
                        cfg.resize_filter, cfg.keep_images, cfg.map_classes)
@@ -226,8 +270,7 @@ def image_settings(cfg: PrecomputeConfig) -> dict:
 def _shard_task(source: str, cfg: PrecomputeConfig, encoders: list, first: int) -> dict:
     import ray
 
-    tok = cfg.resolved_tokenizer()
-    tokenize = build_tokenizer(tok["kind"], tok["name_or_path"], tok["max_length"]) if tok else None
+    tokenize = caption_tokenizer(cfg)
     policy = image_policy(cfg)
     encode_chunks = actor_encoder(ray, encoders, first, cfg.max_inflight_batches)
     if cfg.fail_once_marker:
@@ -236,7 +279,7 @@ def _shard_task(source: str, cfg: PrecomputeConfig, encoders: list, first: int) 
     if cfg.text_encoder.kind:
         encode_text = actor_encoder(ray, encoders, first, cfg.max_inflight_batches, method="encode_text")
     return process_shard(Path(source), Path(cfg.output_dir), policy, cfg.batch_size, encode_chunks, tokenize,
-                         encode_text)
+                         encode_text, layout_policy(cfg))
 
 
 def start_encoders(ray, cfg: PrecomputeConfig, encoder_sha256: dict[str, str | None], run_id: str) -> list:
@@ -325,7 +368,7 @@ def summarize(new: list[dict], manifest: dict, num_inputs: int, seconds: float) 
             "bytes_per_sample": round(written / max(samples, 1), 1), "seconds": round(seconds, 2),
             "samples_per_s": round(samples / max(seconds, 1e-9), 2), "num_samples_total": manifest["num_samples"],
             "skipped_total": manifest["skipped"], "scale_factor": manifest["scale_factor"],
-            "scale_factor_source": manifest["scale_factor_source"]}
+            "scale_factor_source": manifest["scale_factor_source"], "layout_total": manifest["layout"]}
 
 
 def precompute(cfg: PrecomputeConfig) -> dict:
@@ -337,8 +380,8 @@ def precompute(cfg: PrecomputeConfig) -> dict:
         raise ValueError(f"resolution={cfg.resolution}: set it to a multiple of the autoencoder's downsampling "
                          f"factor f={ae_cfg.downsample_factor}")
     shape = latent_shape(ae_cfg, cfg.resolution, cfg.resolution)
-    tok = cfg.resolved_tokenizer()  # a bad tokenizer name fails here, not in every shard task
-    tokenize = build_tokenizer(tok["kind"], tok["name_or_path"], tok["max_length"]) if tok else None
+    tok = cfg.resolved_tokenizer()
+    tokenize = caption_tokenizer(cfg)  # a bad tokenizer name fails here, not in every shard task
     text_model, text_encoder = None, None
     if cfg.text_encoder.kind:  # loaded on the driver too: a bad spec fails here, before Ray starts
         text_model, text_encoder = load_text_encoder_for_latents(cfg.text_encoder, cfg.tokenizer.max_length)
