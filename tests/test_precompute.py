@@ -163,7 +163,8 @@ def test_manifest_counts_add_up(kl_run, image_shards, autoencoders):
     manifest = read_manifest(cfg.output_dir)
     survivors = len(list(iter_samples(image_shards / "00003.tar")))  # the samples before the cut
     assert 0 < survivors < 5
-    assert manifest["skipped"] == {"corrupt_image": 2, "missing_caption": 1, "too_small": 1, "truncated_tar": 2}
+    assert manifest["skipped"] == {"corrupt_image": 2, "missing_caption": 1, "too_small": 1, "truncated_tar": 2,
+                                   "bad_boxes": 0}
     assert manifest["num_samples"] == 5 * 3 + 1 + survivors + 3 == sum(s["count"] for s in manifest["shards"])
     assert manifest["num_samples"] == len(list(iter_latent_samples(cfg.output_dir)))
     for shard in manifest["shards"]:
