@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 
 from ldm.diffusion.layout import LayoutTokenizer
-from pipeline.conditions.layouts import LayoutPolicy, layout_tokens
+from pipeline.conditions.layouts import LayoutConfig, layout_tokens
 from pipeline.latents.manifest import build_manifest
 from pipeline.precompute.shard import ImagePolicy, decode_sample, process_shard
-from pipeline.precompute.stage import LayoutConfig, PrecomputeConfig, TokenizerConfig
+from pipeline.precompute.stage import PrecomputeConfig, TokenizerConfig
 from pipeline.shards import iter_samples, write_shard
 
-POLICY = LayoutPolicy("boxes", num_classes=5)
+POLICY = LayoutConfig("boxes", num_classes=5)
 
 
 def _jpeg(width: int, height: int) -> bytes:
@@ -38,8 +38,8 @@ def _box(category: int, x0: float, y0: float, w: float, h: float, group: bool = 
 def test_boxes_outside_the_centre_crop_are_dropped_and_the_crop_window_is_encoded():
     # 96 x 64 picture, centre crop: the square x in [16, 80) px, i.e. [1/6, 5/6) of the width.
     boxes = [_box(1, 0.0, 0.1, 0.1, 0.5), _box(2, 0.4, 0.2, 0.3, 0.6, group=True), _box(3, 0.9, 0.0, 0.1, 1.0)]
-    decoded, _ = decode_sample(_sample("000001", boxes), ImagePolicy(32), "s.tar", POLICY,
-                               counts := {"objects_dropped": 0, "boxes_outside_crop": 0})
+    counts = {"objects_dropped": 0, "boxes_outside_crop": 0}
+    decoded, _ = decode_sample(_sample("000001", boxes), ImagePolicy(32), "s.tar", POLICY, counts)
     assert counts == {"objects_dropped": 0, "boxes_outside_crop": 2}
     assert decoded.tokens.dtype == np.int32 and decoded.tokens.shape == (92,)
     kept, crop = LayoutTokenizer(5).decode(torch.from_numpy(decoded.tokens.astype(np.int64)))
@@ -52,14 +52,14 @@ def test_boxes_outside_the_centre_crop_are_dropped_and_the_crop_window_is_encode
 def test_past_max_objects_boxes_are_truncated_then_shuffled_by_the_key():
     boxes = [_box(i % 5, 0.02 * i, 0.02 * i, 0.05, 0.05) for i in range(34)]
     meta = {"boxes": boxes}
-    tokens, counts = layout_tokens(meta, (100, 100), (0, 0, 100), POLICY, "s.tar/000001")
+    tokens, counts = layout_tokens(meta, (100, 100), (0, 0, 100), POLICY, "s.tar/000001", 0)
     assert counts == {"objects_dropped": 4, "boxes_outside_crop": 0}
     kept, _ = LayoutTokenizer(5).decode(torch.from_numpy(tokens.astype(np.int64)))
     # Truncation keeps the first 30 (the builder's order), in an order drawn from the key.
     starts = sorted(round(b.x0 / 0.02) for b in kept)
     assert starts == list(range(30)) and [round(b.x0 / 0.02) for b in kept] != list(range(30))
-    again, _ = layout_tokens(meta, (100, 100), (0, 0, 100), POLICY, "s.tar/000001")
-    other, _ = layout_tokens(meta, (100, 100), (0, 0, 100), POLICY, "s.tar/000002")
+    again, _ = layout_tokens(meta, (100, 100), (0, 0, 100), POLICY, "s.tar/000001", 0)
+    other, _ = layout_tokens(meta, (100, 100), (0, 0, 100), POLICY, "s.tar/000002", 0)
     np.testing.assert_array_equal(tokens, again)
     assert not np.array_equal(tokens, other)
 
@@ -73,9 +73,9 @@ def test_past_max_objects_boxes_are_truncated_then_shuffled_by_the_key():
 def test_malformed_boxes_raise_naming_the_sample(boxes, message):
     meta = {"boxes": boxes}
     with pytest.raises(ValueError, match=message):
-        layout_tokens(meta, (64, 64), (0, 0, 64), POLICY, "s.tar/000003")
+        layout_tokens(meta, (64, 64), (0, 0, 64), POLICY, "s.tar/000003", 0)
     with pytest.raises(ValueError, match=r"s.tar/000003: KEY.json has no 'boxes'"):
-        layout_tokens({}, (64, 64), (0, 0, 64), POLICY, "s.tar/000003")
+        layout_tokens({}, (64, 64), (0, 0, 64), POLICY, "s.tar/000003", 0)
 
 
 def test_a_shard_keeps_layout_tokens_and_counts_bad_boxes_and_drops(tmp_path):

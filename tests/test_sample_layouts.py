@@ -16,11 +16,11 @@ from jobs.sample.config import SampleConfig
 from jobs.sample.generate import SamplingConfig, generate
 from jobs.sample.run import sample
 from ldm.diffusion.layout import Box
-from pipeline.conditions.layouts import LayoutPolicy
+from pipeline.conditions.layouts import LayoutConfig
 from pipeline.models.bundle import save_ldm
 
 CPU = torch.device("cpu")
-POLICY = LayoutPolicy("boxes", num_classes=4)
+POLICY = LayoutConfig("boxes", num_classes=4)
 LAYOUTS = [[{"category": 1, "bbox": [0.0, 0.0, 0.5, 0.5]}],
            [{"category": 3, "bbox": [0.5, 0.5, 0.5, 0.5], "is_group_of": True},
             {"category": 0, "bbox": [0.1, 0.6, 0.2, 0.3]}]]

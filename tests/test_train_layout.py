@@ -17,13 +17,13 @@ from jobs.checkpointing import CheckpointManager
 from jobs.train.setup import build_models
 from ldm.diffusion.layout import Box
 from ldm.presets import PRESETS
-from pipeline.conditions.layouts import LayoutPolicy
+from pipeline.conditions.layouts import LayoutConfig
 from pipeline.latents.loader import LatentLoader
 from pipeline.shards import write_shard
 
 PRESET = PRESETS["debug-layout"]
 C, SIZE = PRESET.unet.out_channels, PRESET.latent_size
-POLICY = LayoutPolicy("boxes", num_classes=C)
+POLICY = LayoutConfig("boxes", num_classes=C)
 
 
 def boxes_of(index: int) -> list[Box]:

@@ -2,7 +2,8 @@
 
 One dataclass per config group (`model`, `trainer`, `optim`, `logger`, `data`); YAML files only set
 values. Cross-field checks live in `__post_init__` and raise ValueError naming the override to fix,
-so a wrong config fails before any process group, model or data is touched.
+so a wrong config fails before any process group, model or data is touched. `check_tokens` checks the
+config against the tokens its latents hold (their manifest's tokenizer), once the data is found.
 """
 from dataclasses import dataclass, field
 
@@ -176,3 +177,22 @@ class TrainConfig:
         if kind == "layout":
             return "tokens"
         return {"class": "label", "concat": "concat", "rescaler": "concat"}.get(kind)
+
+
+def check_tokens(cfg: TrainConfig, tokenizer: dict) -> None:
+    """Layout tokens feed a layout preset, caption tokens a text preset, each of the length and (layout) vocabulary
+    the preset's transformer reads."""
+    text, preset = PRESETS[cfg.model.preset].conditioner.text, f"model.preset={cfg.model.preset!r}"
+    if (PRESETS[cfg.model.preset].conditioner.kind == "layout") != (tokenizer["kind"] == "layout"):
+        made, rerun = (("layout.boxes_key", "tokenizer.kind") if tokenizer["kind"] == "layout" else
+                       (f"a {tokenizer['kind']} caption tokenizer", "layout.boxes_key (the boxes)"))
+        raise ValueError(f"{cfg.data.path} holds tokens made with {made}, {preset} is "
+                         f"{'text' if tokenizer['kind'] == 'layout' else 'layout'}-to-image: choose a matching preset "
+                         f"or rerun jobs.precompute with {rerun}")
+    if tokenizer["max_length"] != text.max_length:
+        raise ValueError(f"{cfg.data.path} has tokens of length {tokenizer['max_length']}, {preset} reads "
+                         f"{text.max_length}: rerun jobs.precompute with that tokenizer max_length or choose a "
+                         "matching preset")
+    if tokenizer["kind"] == "layout" and tokenizer["num_tokens"] != text.vocab_size:
+        raise ValueError(f"{cfg.data.path} has layout tokens of a {tokenizer['num_tokens']}-token vocabulary, {preset} "
+                         f"embeds {text.vocab_size}: rerun jobs.precompute with layout.num_tokens={text.vocab_size}")

@@ -33,7 +33,7 @@ from jobs.distributed import (
     print0,
 )
 from jobs.metrics import Metrics
-from jobs.train.config import TrainConfig
+from jobs.train.config import TrainConfig, check_tokens
 from jobs.train.ema import TrainEMA
 from jobs.train.samples import Sampler, build_sampler, sample_grid
 from jobs.train.setup import (
@@ -195,21 +195,6 @@ def _check_global_batch(cfg: TrainConfig, world_size: int) -> None:
                          f"{world_size} ranks = {batch}: change data.batch_size or trainer.grad_accum_steps")
 
 
-def _check_token_kind(cfg: TrainConfig, tokenizer: dict) -> None:
-    """Layout tokens feed a layout preset, caption tokens a text preset, each from the vocabulary it embeds."""
-    preset = PRESETS[cfg.model.preset]
-    layout_model, layout_tokens = preset.conditioner.kind == "layout", tokenizer["kind"] == "layout"
-    if layout_model != layout_tokens:
-        made = "with layout.boxes_key" if layout_tokens else f"with a {tokenizer['kind']} caption tokenizer"
-        raise ValueError(f"{cfg.data.path} holds tokens made {made}, model.preset={cfg.model.preset!r} is "
-                         f"{'layout-to-image' if layout_model else 'text-to-image'}: choose a matching preset or rerun "
-                         "jobs.precompute " + ("with layout.boxes_key (the boxes)" if layout_model else "with tokenizer.kind"))
-    if layout_tokens and tokenizer["num_tokens"] != preset.conditioner.text.vocab_size:
-        raise ValueError(f"{cfg.data.path} has layout tokens of a {tokenizer['num_tokens']}-token vocabulary, "
-                         f"model.preset={cfg.model.preset!r} embeds {preset.conditioner.text.vocab_size}: rerun "
-                         f"jobs.precompute with layout.num_tokens={preset.conditioner.text.vocab_size}")
-
-
 def _check_data(cfg: TrainConfig, loader: LatentLoader) -> None:
     """The latents fit the model (pipeline.latents.manifest.check_compatible) and its condition: token
     length, stored-context width (whose text encoder cfg.model.text_encoder then records), classes."""
@@ -217,13 +202,8 @@ def _check_data(cfg: TrainConfig, loader: LatentLoader) -> None:
     context_dim = preset.unet.context_dim if cfg.data.use_context else None
     loader.check_compatible(latent_channels=preset.unet.out_channels, latent_size=preset.latent_size,
                             context_dim=context_dim)
-    tokenizer = loader.manifest.get("tokenizer")
     if cfg.condition_key == "tokens":
-        _check_token_kind(cfg, tokenizer)
-    if cfg.condition_key == "tokens" and tokenizer["max_length"] != preset.conditioner.text.max_length:
-        raise ValueError(f"{cfg.data.path} has tokens of length {tokenizer['max_length']}, model.preset="
-                         f"{cfg.model.preset!r} reads {preset.conditioner.text.max_length}: rerun jobs.precompute "
-                         f"with that tokenizer max_length or choose a matching preset")
+        check_tokens(cfg, loader.manifest["tokenizer"])
     if cfg.data.use_context:
         _record_text_encoder(cfg, loader.manifest["text_encoder"])
     if cfg.data.condition == "inpainting":

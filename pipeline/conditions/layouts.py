@@ -22,18 +22,20 @@ from ldm.diffusion.layout import MAX_OBJECTS, NUM_TOKENS, Box, LayoutTokenizer, 
 LAYOUT_COUNTS = ("objects_dropped", "boxes_outside_crop")  # per shard and in the manifest
 
 
-@dataclass(frozen=True)
-class LayoutPolicy:
-    """Which metadata key holds the boxes and the tokenizer they go through."""
-    boxes_key: str
-    num_classes: int
-    num_tokens: int = NUM_TOKENS
-    max_objects: int = MAX_OBJECTS
-    seed: int = 0
+@dataclass
+class LayoutConfig:
+    """Precompute's `layout`: which KEY.json key holds the boxes (None: no layouts) and the tokenizer they go through."""
+    boxes_key: str | None = None     # KEY.json key of each sample's boxes (jobs.url_list: boxes); None: no layouts
+    num_classes: int | None = None   # box categories 0..num_classes-1 (the URL list's classes.txt)
+    num_tokens: int = NUM_TOKENS     # the shared vocabulary (sets the coordinate grid: int(sqrt(num_tokens)))
+    max_objects: int = MAX_OBJECTS   # boxes past this many are dropped and counted
 
     def __post_init__(self):
-        if not self.boxes_key:
-            raise ValueError("layout.boxes_key must name the KEY.json key holding the boxes (jobs.url_list: boxes)")
+        if self.boxes_key is None:
+            return
+        if self.num_classes is None:
+            raise ValueError("layout.boxes_key is set but layout.num_classes is not: set it to the number of box "
+                             "categories (the lines of the URL list's classes.txt)")
         self.tokenizer  # noqa: B018 -- checks num_classes, num_tokens and max_objects together
 
     @property
@@ -79,20 +81,21 @@ def _shuffled(boxes: list[Box], seed: int, sample_id: str) -> list[Box]:
     return [boxes[i] for i in order]
 
 
-def layout_tokens(meta: dict, image_size: tuple[int, int], crop: tuple[int, int, int], policy: LayoutPolicy,
-                  sample_id: str) -> tuple[np.ndarray, dict[str, int]]:
+def layout_tokens(meta: dict, image_size: tuple[int, int], crop: tuple[int, int, int], layout: LayoutConfig,
+                  sample_id: str, seed: int) -> tuple[np.ndarray, dict[str, int]]:
     """(int32 tokens [max_objects * 3 + 2], LAYOUT_COUNTS) of the crop (left, top, side) in pixels of a
-    picture of `image_size` (width, height). ValueError naming the sample for missing or bad boxes."""
-    if policy.boxes_key not in meta:
-        raise ValueError(f"{sample_id}: KEY.json has no {policy.boxes_key!r} (keys {sorted(meta)}); ingest a URL "
+    picture of `image_size` (width, height); the shuffle is drawn from (seed, sample_id). ValueError naming
+    the sample for missing or bad boxes."""
+    if layout.boxes_key not in meta:
+        raise ValueError(f"{sample_id}: KEY.json has no {layout.boxes_key!r} (keys {sorted(meta)}); ingest a URL "
                          f"list with a boxes column (jobs.url_list) or set layout.boxes_key to the key that holds them")
-    boxes = parse_boxes(meta[policy.boxes_key], sample_id)
-    tokenizer = policy.tokenizer
+    boxes = parse_boxes(meta[layout.boxes_key], sample_id)
+    tokenizer = layout.tokenizer
     tokenizer.encode(boxes)  # checks every box (range, class) before any is dropped
-    kept = _shuffled(boxes[:policy.max_objects], policy.seed, sample_id)
+    kept = _shuffled(boxes[:layout.max_objects], seed, sample_id)
     (width, height), (left, top, side) = image_size, crop
     window = (left / width, top / height, (left + side) / width, (top + side) / height)
     inside = [b for b in kept if _overlaps(b, window)]
-    tokens, _ = tokenizer.encode(inside, crop=tuple(min(v, 1.0) for v in window))
+    tokens, _ = tokenizer.encode(inside, crop=window)
     counts = {"objects_dropped": len(boxes) - len(kept), "boxes_outside_crop": len(kept) - len(inside)}
     return tokens.numpy().astype(np.int32), counts

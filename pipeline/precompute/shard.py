@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from pipeline.conditions import decode_map
-from pipeline.conditions.layouts import LAYOUT_COUNTS, LayoutPolicy, layout_tokens
+from pipeline.conditions.layouts import LAYOUT_COUNTS, LayoutConfig, layout_tokens
 from pipeline.latents.manifest import SKIP_REASONS
 from pipeline.shards import atomic_write_json, iter_samples, write_shard
 
@@ -78,7 +78,7 @@ class Decoded:
     meta: dict
     image_png: bytes | None = None  # ImagePolicy.keep_image
     map_png: bytes | None = None    # ImagePolicy.map_classes: the cropped map, mode "L"
-    tokens: np.ndarray | None = None  # a LayoutPolicy: the crop's layout tokens (KEY.tokens.npy)
+    tokens: np.ndarray | None = None  # a LayoutConfig: the crop's layout tokens (KEY.tokens.npy)
 
 
 def shard_paths(out_dir: str | Path, name: str) -> dict[str, Path]:
@@ -159,7 +159,7 @@ def _meta(sample: dict) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def decode_sample(sample: dict, policy: ImagePolicy, source: str, layout: LayoutPolicy | None = None,
+def decode_sample(sample: dict, policy: ImagePolicy, source: str, layout: LayoutConfig | None = None,
                   layout_counts: dict[str, int] | None = None) -> tuple[Decoded, np.ndarray] | str:
     """(what the output keeps, uint8 image [3, R, R]) of one img2dataset sample, or why it is skipped.
     `layout`: the sample's boxes become its crop's tokens; their drops add to `layout_counts`."""
@@ -179,7 +179,7 @@ def decode_sample(sample: dict, policy: ImagePolicy, source: str, layout: Layout
         map_png = prepare_map(sample.get("seg.png"), policy, box, Image.open(io.BytesIO(data)).size, where)
     if layout is not None:
         try:
-            tokens, counts = layout_tokens(meta, Image.open(io.BytesIO(data)).size, box, layout, where)
+            tokens, counts = layout_tokens(meta, Image.open(io.BytesIO(data)).size, box, layout, where, policy.seed)
         except ValueError:
             return "bad_boxes"
         for name in LAYOUT_COUNTS:
@@ -226,7 +226,7 @@ def read_image_samples(path: Path, skipped: dict[str, int]) -> Iterator[dict]:
 
 
 def decoded_batches(path: Path, policy: ImagePolicy, batch_size: int, kept: list[Decoded],
-                    skipped: dict[str, int], layout: LayoutPolicy | None = None,
+                    skipped: dict[str, int], layout: LayoutConfig | None = None,
                     layout_counts: dict[str, int] | None = None) -> Iterator[np.ndarray]:
     """uint8 image batches [B, 3, R, R] of a shard, lazily; `kept`, `skipped` (and `layout_counts`) fill as it goes."""
     batch = []
@@ -329,7 +329,7 @@ def encode_captions(kept: list[Decoded], tokenize: Callable[[list[str]], torch.T
 
 def process_shard(source: Path, out_dir: Path, policy: ImagePolicy, batch_size: int, encode_chunks: EncodeChunks,
                   tokenize: Callable[[list[str]], torch.Tensor] | None = None,
-                  encode_text: EncodeChunks | None = None, layout: LayoutPolicy | None = None) -> dict:
+                  encode_text: EncodeChunks | None = None, layout: LayoutConfig | None = None) -> dict:
     """Encode image shard `source` into `out_dir/<same name>`, mark it finished; returns its stats.
 
     `encode_text` (needs `tokenize`): token chunks [B, L] -> frozen text encoder contexts [B, L, D].

@@ -40,9 +40,8 @@ import numpy as np
 import torch
 
 from ldm.autoencoder.config import latent_shape
-from ldm.diffusion.layout import MAX_OBJECTS, NUM_TOKENS
 from ldm.diffusion.tokenizers import TOKENIZER_KINDS, build_tokenizer
-from pipeline.conditions.layouts import LayoutPolicy
+from pipeline.conditions.layouts import LayoutConfig
 from pipeline.latents.manifest import (
     build_manifest,
     estimate_scale_factor,
@@ -76,14 +75,6 @@ class TokenizerConfig:
     kind: str | None = None          # None: no tokens; else one of ldm.diffusion.tokenizers.TOKENIZER_KINDS
     name_or_path: str | None = None  # hub id or folder (bert, hf_clip); None for openclip
     max_length: int = 77
-
-
-@dataclass
-class LayoutConfig:
-    boxes_key: str | None = None     # KEY.json key of each sample's boxes (jobs.url_list: boxes); None: no layouts
-    num_classes: int | None = None   # box categories 0..num_classes-1 (the URL list's classes.txt)
-    num_tokens: int = NUM_TOKENS     # the shared vocabulary (sets the coordinate grid: int(sqrt(num_tokens)))
-    max_objects: int = MAX_OBJECTS   # boxes past this many are dropped and counted
 
 
 @dataclass
@@ -140,15 +131,9 @@ class PrecomputeConfig:
         image_policy(self)  # checks the crop fractions and the resize filter
 
     def _check_layout(self) -> None:
-        if self.layout.boxes_key is None:
-            return
-        if self.tokenizer.kind or self.text_encoder.kind:
+        if self.layout.boxes_key is not None and (self.tokenizer.kind or self.text_encoder.kind):
             raise ValueError(f"layout.boxes_key={self.layout.boxes_key!r} stores layout tokens in KEY.tokens.npy, "
                              "which then cannot hold caption tokens too: unset tokenizer.kind and text_encoder.kind")
-        if self.layout.num_classes is None:
-            raise ValueError("layout.boxes_key is set but layout.num_classes is not: set it to the number of box "
-                             "categories (the lines of the URL list's classes.txt)")
-        layout_policy(self)  # checks num_classes, num_tokens and max_objects together
 
     def _check_tokenizer_matches_text_encoder(self) -> None:
         tok = self.tokenizer
@@ -164,7 +149,7 @@ class PrecomputeConfig:
     def resolved_tokenizer(self) -> dict | None:
         """The tokenizer of KEY.tokens.npy (and of the text encoder's input), as the manifest records it."""
         if self.layout.boxes_key is not None:
-            return layout_policy(self).spec()
+            return self.layout.spec()
         if self.text_encoder.kind:
             return self.text_encoder.tokenizer(self.tokenizer.max_length)
         return dataclasses.asdict(self.tokenizer) if self.tokenizer.kind else None
@@ -241,13 +226,6 @@ def _dies_once(encode_chunks, marker: str):
     return encode
 
 
-def layout_policy(cfg: PrecomputeConfig) -> LayoutPolicy | None:
-    layout = cfg.layout
-    if layout.boxes_key is None:
-        return None
-    return LayoutPolicy(layout.boxes_key, layout.num_classes, layout.num_tokens, layout.max_objects, cfg.seed)
-
-
 def caption_tokenizer(cfg: PrecomputeConfig):
     """The captions' tokenizer (texts -> [B, L]), or None: no caption tokens (none configured, or layout tokens)."""
     tok = cfg.resolved_tokenizer()
@@ -279,7 +257,7 @@ def _shard_task(source: str, cfg: PrecomputeConfig, encoders: list, first: int) 
     if cfg.text_encoder.kind:
         encode_text = actor_encoder(ray, encoders, first, cfg.max_inflight_batches, method="encode_text")
     return process_shard(Path(source), Path(cfg.output_dir), policy, cfg.batch_size, encode_chunks, tokenize,
-                         encode_text, layout_policy(cfg))
+                         encode_text, cfg.layout if cfg.layout.boxes_key is not None else None)
 
 
 def start_encoders(ray, cfg: PrecomputeConfig, encoder_sha256: dict[str, str | None], run_id: str) -> list:
