@@ -20,6 +20,7 @@ SCHEMAS = {"ingest_schema": "pipeline.ingest.stage:IngestConfig",
            "precompute_schema": "pipeline.precompute.stage:PrecomputeConfig",
            "train_autoencoder_schema": "jobs.train_autoencoder.config:TrainAutoencoderConfig",
            "train_schema": "jobs.train.config:TrainConfig", "sample_schema": "jobs.sample.config:SampleConfig",
+           "train_classifier_schema": "jobs.train_classifier.config:TrainClassifierConfig",
            "fid_stats_schema": "jobs.evaluate.config:FidStatsConfig",
            "evaluate_schema": "jobs.evaluate.config:EvaluateConfig", "export_schema": "jobs.export.formats:ExportConfig"}
 

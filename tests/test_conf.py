@@ -15,6 +15,7 @@ CONF = ROOT / "conf"
 REQUIRED = {"ingest": ["inputs=[urls.parquet]", "output_dir=out"],
             "precompute": ["input_dir=data/images", "output_dir=data/latents", "autoencoder=models/kl-f8"],
             "train": ["data.path=data/latents", "trainer.max_steps=10"],
+            "train_classifier": ["source=runs/x", "data.path=data/latents", "out_dir=classifiers/x", "max_steps=10"],
             "train_autoencoder": ["run_dir=runs/ae", "data.path=data/images"],
             "sample": ["source=runs/x", "out_dir=samples/x"],
             "export": ["source=runs/x", "out_dir=exports/x"],

@@ -31,6 +31,8 @@ class SampleConfig:
                                          # {"category": int, "bbox": [x0, y0, w, h] in [0, 1], "is_group_of": bool}
     guide_images: str | None = None      # image guiding (App. C): one target per condition (per row alone when
                                          # unconditional), with sampling.image_guidance_scale > 0
+    classifier: str | None = None        # classifier guidance (App. D.4, LDM-8-G): a jobs.train_classifier out_dir,
+                                         # with sampling.classifier_scale > 0 (class-conditional models, class_ids)
     lpips_vgg_path: str | None = None    # sampling.image_guidance_loss=lpips: torchvision's VGG16 file; None: hub cache
     lpips_heads_path: str | None = None  # ... and the LPIPS v0.1 heads; None: the installed lpips package's
     num_per_prompt: int = 4              # samples per prompt / class / image
@@ -61,6 +63,9 @@ class SampleConfig:
             ((self.guide_images is None) == (self.sampling.image_guidance_scale == 0),
              f"guide_images={self.guide_images!r} with sampling.image_guidance_scale="
              f"{self.sampling.image_guidance_scale}: image guiding needs both (targets and a scale > 0), or neither"),
+            ((self.classifier is None) == (self.sampling.classifier_scale == 0),
+             f"classifier={self.classifier!r} with sampling.classifier_scale={self.sampling.classifier_scale}: "
+             "classifier guidance needs both (a classifier and a scale > 0; LDM-8-G uses 10), or neither"),
             (self.seed >= 0, f"seed={self.seed}: must be >= 0"),
             (self.indices is None or (self.indices and min(self.indices) >= 0),
              f"indices={self.indices}: non-negative global sample indices"),

@@ -29,6 +29,7 @@ from jobs.sample.conditions import (
     unet_with_conditions,
 )
 from ldm.autoencoder.config import AUTOENCODER_PRESETS
+from ldm.diffusion.classifier import classifier_log_likelihood
 from ldm.diffusion.guidance import classifier_free_guidance, gradient_guidance, image_guide
 from ldm.diffusion.objectives import Model
 from ldm.diffusion.samplers import SAMPLERS
@@ -57,6 +58,8 @@ class SamplingConfig:
     image_guidance_scale: float = 0.0     # 0: off; > 0 needs one guide target per sample (jobs.sample guide_images=)
     image_guidance_downsample: int = 1    # T: anti-aliased bicubic downsampling by this factor (1: identity)
     image_guidance_loss: str = "l2"       # l2: -1/2 ||y - T(x)||^2 | lpips: -LPIPS(T(x), y) (needs its weights)
+    # Classifier guidance (App. D.4, Eq. 16): eps - scale * sigma_t * grad_{z_t} log p_phi(class_id | z_t)
+    classifier_scale: float = 0.0         # 0: off; > 0 needs a classifier of noisy latents; LDM-8-G (Tab. 10): 10
 
     def __post_init__(self):
         checks = [
@@ -76,6 +79,7 @@ class SamplingConfig:
              f"sampling.image_guidance_downsample={self.image_guidance_downsample}: an integer factor >= 1"),
             (self.image_guidance_loss in IMAGE_GUIDANCE_LOSSES,
              f"sampling.image_guidance_loss={self.image_guidance_loss!r}: use one of {IMAGE_GUIDANCE_LOSSES}"),
+            (self.classifier_scale >= 0, f"sampling.classifier_scale={self.classifier_scale}: must be >= 0 (0: off)"),
         ]
         checks += [(side is None or side > 0, f"sampling.{key}={side}: positive pixels, or null for the "
                     "training size") for key, side in (("height", self.height), ("width", self.width))]
@@ -138,7 +142,7 @@ def image_size(bundle, cfg: SamplingConfig, conditions: Conditions) -> tuple[int
 
 
 def check_request(bundle, conditions: Conditions, seeds: Sequence[int], cfg: SamplingConfig,
-                  output: str = "images") -> None:
+                  output: str = "images", classifier=None) -> None:
     """Every check `generate` makes before sampling (ValueError saying what to change); jobs call it
     early with one sample to fail before any work."""
     if output not in OUTPUTS:
@@ -149,12 +153,40 @@ def check_request(bundle, conditions: Conditions, seeds: Sequence[int], cfg: Sam
     bad = [s for s in seeds if not 0 <= s < MAX_SEED]
     if bad:
         raise ValueError(f"seeds {bad[:3]} outside [0, 2**63): use non-negative seeds")
+    _check_classifier(bundle, cfg, classifier)
     check_conditions(bundle, conditions, len(seeds))
     if bundle.preset.conditioner.kind == "none" and cfg.guidance_scale != 1.0:
         raise ValueError(f"sampling.guidance_scale={cfg.guidance_scale}: preset {bundle.preset_name!r} is "
                          "unconditional, there is nothing to guide with; set sampling.guidance_scale=1")
     size = image_size(bundle, cfg, conditions)
     _check_guide(cfg, conditions, size)
+    if classifier is not None:
+        latent_chw = (bundle.latent_shape[0], *(side // first_stage_factor(bundle) for side in size))
+        trained_chw = (classifier.cfg.in_channels, *classifier.latent_hw)
+        if trained_chw != latent_chw:
+            raise ValueError(f"the classifier was trained on latents {trained_chw}, these samples are latents "
+                             f"{latent_chw} ({size[0]}x{size[1]} px): sample at the size it was trained for "
+                             "(sampling.height/width), or train a classifier for this size")
+
+
+def _check_classifier(bundle, cfg: SamplingConfig, classifier) -> None:
+    """Classifier guidance: a classifier and a scale > 0 together, on a class model with its classes."""
+    if classifier is None:
+        if cfg.classifier_scale > 0:
+            raise ValueError(f"sampling.classifier_scale={cfg.classifier_scale} needs a classifier of noisy latents "
+                             "(jobs.sample classifier=DIR, the out_dir of jobs.train_classifier)")
+        return
+    if cfg.classifier_scale == 0:
+        raise ValueError("a classifier is given but sampling.classifier_scale=0: set a scale > 0 (LDM-8-G uses 10), "
+                         "or drop the classifier")
+    conditioner = bundle.preset.conditioner
+    if conditioner.kind != "class":
+        raise ValueError(f"classifier guidance steers each sample towards its class_id, and preset "
+                         f"{bundle.preset_name!r} is not class-conditional ({conditioner.kind!r} conditioner): "
+                         "sample a class-conditional model, or drop the classifier")
+    if classifier.num_classes != conditioner.num_classes:
+        raise ValueError(f"the classifier has {classifier.num_classes} classes, preset {bundle.preset_name!r} has "
+                         f"{conditioner.num_classes}: train the classifier for this model (jobs.train_classifier)")
 
 
 def _check_guide(cfg: SamplingConfig, conditions: Conditions, size: tuple[int, int]) -> None:
@@ -191,9 +223,11 @@ def initial_noise(generators: Sequence[torch.Generator], latent_chw: tuple[int, 
 
 
 def guided_model(bundle, conditions: Conditions, cfg: SamplingConfig, latent_hw: tuple[int, int],
-                 device: torch.device, lpips=None) -> Model:
+                 device: torch.device, lpips=None, classifier=None) -> Model:
     """model(z_t, t) for the sampler: the UNet with this batch's conditions, classifier-free guidance and,
-    with guide targets, image guiding on top (App. C)."""
+    with guide targets, image guiding on top (App. C), and with a classifier, classifier guidance towards
+    each sample's class_id outermost (Eq. 16: it calls the model without gradients, so an image guide
+    inside keeps its own)."""
     pair = condition_pair(bundle, conditions, latent_hw, device)
     if pair is None:
         def model(z_t_BCHW: Tensor, t_B: Tensor) -> Tensor:
@@ -201,8 +235,17 @@ def guided_model(bundle, conditions: Conditions, cfg: SamplingConfig, latent_hw:
     else:
         model = classifier_free_guidance(unet_with_conditions(bundle.unet), pair[0], pair[1], cfg.guidance_scale,
                                          t_max=cfg.guidance_t_max)
-    if conditions.guide_targets is None or cfg.image_guidance_scale == 0:
+    if conditions.guide_targets is not None and cfg.image_guidance_scale != 0:
+        model = _image_guided(model, bundle, conditions, cfg, device, lpips)
+    if classifier is None or cfg.classifier_scale == 0:
         return model
+    labels_B = torch.tensor([int(c) for c in conditions.class_ids], dtype=torch.long, device=device)
+    return gradient_guidance(model, classifier_log_likelihood(classifier, labels_B), bundle.schedule,
+                             cfg.classifier_scale, objective=bundle.objective, through_model=False)
+
+
+def _image_guided(model: Model, bundle, conditions: Conditions, cfg: SamplingConfig, device: torch.device,
+                  lpips) -> Model:
     if cfg.image_guidance_loss == "lpips" and lpips is None:
         raise ValueError("sampling.image_guidance_loss=lpips needs the LPIPS network: pass lpips= "
                          "(pipeline.models.weights.load_lpips)")
@@ -230,12 +273,13 @@ def decode(bundle, z_BCHW: Tensor, clamp: bool = True) -> Tensor:
 
 @torch.no_grad()
 def _generate_batch(bundle, conditions: Conditions, seeds: list[int], cfg: SamplingConfig,
-                    device: torch.device, latent_chw: tuple[int, int, int], output: str, lpips=None) -> Tensor:
+                    device: torch.device, latent_chw: tuple[int, int, int], output: str, lpips=None,
+                    classifier=None) -> Tensor:
     generators = sample_generators(seeds)
     z_T = initial_noise(generators, latent_chw).to(device)
     eta = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
     with _autocast(cfg.precision, device):
-        model = guided_model(bundle, conditions, cfg, latent_chw[1:], device, lpips)
+        model = guided_model(bundle, conditions, cfg, latent_chw[1:], device, lpips, classifier)
         z_0 = SAMPLERS[cfg.sampler](model, z_T, bundle.schedule, num_steps=cfg.num_steps,
                                     objective=bundle.objective, clip_x0=cfg.clip_x0, generator=generators, **eta)
     if output == "latents":
@@ -248,7 +292,8 @@ def _generate_batch(bundle, conditions: Conditions, seeds: list[int], cfg: Sampl
 
 
 def generate(bundle, conditions: Conditions, seeds: Sequence[int], cfg: SamplingConfig, device: torch.device,
-             *, output: str = "images", progress: Callable[[int], None] | None = None, lpips=None) -> Tensor:
+             *, output: str = "images", progress: Callable[[int], None] | None = None, lpips=None,
+             classifier=None) -> Tensor:
     """Sample len(seeds) images from `bundle` (a pipeline.models.bundle.LDMBundle), sample i from seeds[i]
     and the i-th entry of `conditions`, in batches of cfg.batch_size on `device`.
 
@@ -256,20 +301,22 @@ def generate(bundle, conditions: Conditions, seeds: Sequence[int], cfg: Sampling
     output="latents": float32 [N, C, h, w] on the CPU, z_0 as the model sees it (scaled, App. G).
     progress(k) is called after each batch with the k samples it made. The bundle is moved to `device`.
     lpips: the LPIPS network of sampling.image_guidance_loss=lpips.
+    classifier: the ldm.diffusion.classifier.LatentClassifier of sampling.classifier_scale > 0 (moved to `device`).
     ValueError (before any work) for conditions that do not fit the model, sizes that are not
     multiples of f x the UNet's downsampling, or a missing autoencoder.
     """
     seeds = [int(s) for s in seeds]
-    check_request(bundle, conditions, seeds, cfg, output)
+    check_request(bundle, conditions, seeds, cfg, output, classifier)
     height, width = image_size(bundle, cfg, conditions)
     f = first_stage_factor(bundle)
     latent_chw = (bundle.latent_shape[0], height // f, width // f)
     bundle = bundle.to(device)
+    classifier = None if classifier is None else classifier.to(device)
     batches = []
     for start in range(0, len(seeds), cfg.batch_size):
         stop = min(start + cfg.batch_size, len(seeds))
         batches.append(_generate_batch(bundle, conditions.select(start, stop), seeds[start:stop], cfg, device,
-                                       latent_chw, output, lpips))
+                                       latent_chw, output, lpips, classifier))
         if progress is not None:
             progress(stop - start)
     if not batches:

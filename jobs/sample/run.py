@@ -40,8 +40,8 @@ from jobs.sample.generate import (
     image_size,
     seeds_for,
 )
-from jobs.sample.conditions import layout_tokens
 from ldm.diffusion.layout import Box
+from jobs.sample.conditions import layout_tokens
 from pipeline.conditions.layouts import parse_boxes
 from pipeline.models.weights import load_lpips_or_explain
 from pipeline.shards import atomic_write_bytes, atomic_write_json
@@ -219,12 +219,17 @@ def selected_indices(cfg: SampleConfig, plan: SamplePlan) -> list[int]:
     return sorted(set(int(i) for i in cfg.indices))
 
 
-def run_header(cfg: SampleConfig, bundle, size: tuple[int, int]) -> dict:
-    """Everything samples.json says about how its samples were made (JSON-normalised)."""
+def run_header(cfg: SampleConfig, bundle, size: tuple[int, int], classifier_record: dict | None = None) -> dict:
+    """Everything samples.json says about how its samples were made (JSON-normalised); with classifier
+    guidance, which classifier (its folder, training step, preset and classes)."""
     header = {"format": SAMPLES_FORMAT, "version": 1, "source": bundle.source, "preset": bundle.preset_name,
               "objective": bundle.objective, "scale_factor": bundle.scale_factor, "sampling": asdict(cfg.sampling),
               "image_size": list(size), "seed": cfg.seed, "seed_rule": SEED_RULE,
               "num_per_prompt": cfg.num_per_prompt}
+    if classifier_record is not None:
+        header["classifier"] = {"path": str(cfg.classifier), "step": classifier_record["step"],
+                                "preset": classifier_record["preset"], "num_classes": classifier_record["num_classes"],
+                                "scale": cfg.sampling.classifier_scale}
     return json.loads(json.dumps(header, default=str))
 
 
@@ -269,13 +274,13 @@ def _progress_bar(enabled: bool, total: int):
 
 
 def _sample_my_share(cfg: SampleConfig, bundle, plan: SamplePlan, indices: list[int], dist_info: DistInfo,
-                     lpips=None) -> None:
+                     lpips=None, classifier=None) -> None:
     mine = indices[dist_info.rank::dist_info.world_size]
     bar = _progress_bar(cfg.progress_bar and dist_info.is_main, len(mine))
     for start in range(0, len(mine), cfg.sampling.batch_size):
         batch = mine[start:start + cfg.sampling.batch_size]
         images = generate(bundle, plan.conditions(batch), seeds_for(batch, cfg.seed), cfg.sampling, dist_info.device,
-                          lpips=lpips)
+                          lpips=lpips, classifier=classifier)
         for index, image in zip(batch, images):
             write_png(Path(cfg.out_dir) / png_name(index), image)
         if bar is not None:
@@ -297,6 +302,21 @@ def _finish(cfg: SampleConfig, plan: SamplePlan, indices: list[int], header: dic
         write_grid(out_dir, shown, min(columns, len(shown)))
 
 
+def _check_classifier(cfg: SampleConfig, bundle, first: Conditions,
+                      seeds: list[int]) -> tuple[torch.nn.Module | None, dict | None]:
+    """check_request with the classifier of classifier guidance (App. D.4), if any, which must also have
+    learned the model's noise; returns (classifier, its record) or (None, None)."""
+    if cfg.classifier is None:
+        check_request(bundle, first, seeds, cfg.sampling)
+        return None, None
+    from jobs.train_classifier.checkpoint import check_classifier_fits, load_classifier
+
+    classifier, record = load_classifier(cfg.classifier)
+    check_request(bundle, first, seeds, cfg.sampling, classifier=classifier)
+    check_classifier_fits(record, bundle, cfg.classifier)
+    return classifier, record
+
+
 def sample(cfg: SampleConfig) -> dict | None:
     """The job: every rank samples its share of the selected indices; rank 0 writes grid and JSON."""
     from pipeline.models.bundle import load_ldm
@@ -307,7 +327,8 @@ def sample(cfg: SampleConfig) -> dict | None:
         indices = selected_indices(cfg, plan)
         bundle = load_ldm(cfg.source, weights=cfg.weights, autoencoder=cfg.autoencoder)
         first = plan.conditions(indices[:1])
-        check_request(bundle, first, seeds_for(indices[:1], cfg.seed), cfg.sampling)  # fails before any work
+        # fails before any work
+        classifier, classifier_record = _check_classifier(cfg, bundle, first, seeds_for(indices[:1], cfg.seed))
         if plan.key == "map":
             check_maps(bundle, plan)
         if plan.key == "layout":
@@ -318,13 +339,13 @@ def sample(cfg: SampleConfig) -> dict | None:
                                           "set sampling.image_guidance_loss=l2")
         size = image_size(bundle, cfg.sampling, first)
         out_dir = Path(cfg.out_dir)
-        header = run_header(cfg, bundle, size)
+        header = run_header(cfg, bundle, size, classifier_record)
         previous = previous_samples(out_dir, header)
         out_dir.mkdir(parents=True, exist_ok=True)
         print0(f"sampling {len(indices)} images of {size[0]}x{size[1]} from {describe(bundle)} on "
                f"{dist_info.world_size} rank(s) into {out_dir}")
         start = time.perf_counter()
-        _sample_my_share(cfg, bundle, plan, indices, dist_info, lpips)
+        _sample_my_share(cfg, bundle, plan, indices, dist_info, lpips, classifier)
         barrier()
         seconds = time.perf_counter() - start
         if dist_info.is_main:

@@ -145,54 +145,64 @@ class TimestepBlock(nn.Module):
         return x
 
 
+def _res_block(cfg: UNetConfig, ch_in: int, emb_dim: int, ch_out: int, resample: str | None = None) -> ResBlock:
+    return ResBlock(ch_in, emb_dim, ch_out, cfg.dropout, cfg.use_scale_shift_norm, resample)
+
+
+def _attention(cfg: UNetConfig, ch: int) -> nn.Module:
+    num_heads, head_dim = heads_and_dim(ch, cfg.num_heads, cfg.num_head_channels)
+    if cfg.context_dim is None:
+        return AttentionBlock(ch, num_heads)
+    return SpatialTransformer(ch, num_heads, head_dim, cfg.transformer_depth, cfg.context_dim, cfg.dropout)
+
+
+def encoder_half(cfg: UNetConfig) -> tuple[nn.Sequential, nn.ModuleList, TimestepBlock, list[int]]:
+    """(time_embed, input_blocks, middle_block, skip channels) of the UNet: its encoder half, which the
+    UNet continues with its output blocks and a classifier of noisy latents (ADM's EncoderUNetModel,
+    App. D.4's LDM-8-G) with a pooling head. The last skip channel count is the middle block's width."""
+    ch = cfg.model_channels
+    emb_dim = 4 * ch
+    time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+    input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
+    skip_channels, ds = [ch], 1
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers = [_res_block(cfg, ch, emb_dim, mult * cfg.model_channels)]
+            ch = mult * cfg.model_channels
+            if ds in cfg.attention_ds:
+                layers.append(_attention(cfg, ch))
+            input_blocks.append(TimestepBlock(*layers))
+            skip_channels.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            down = _res_block(cfg, ch, emb_dim, ch, "down") if cfg.resblock_updown else Downsample(ch)
+            input_blocks.append(TimestepBlock(down))
+            skip_channels.append(ch)
+            ds *= 2
+    middle_block = TimestepBlock(
+        _res_block(cfg, ch, emb_dim, ch), _attention(cfg, ch), _res_block(cfg, ch, emb_dim, ch))
+    return time_embed, input_blocks, middle_block, skip_channels
+
+
 class UNet(nn.Module):
     """epsilon_theta: (z_t [B, C, H, W], t [B], context [B, L, D] or None) -> [B, out_channels, H, W]."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
-        ch = cfg.model_channels
-        emb_dim = 4 * ch
-        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
-        skip_channels, ds = [ch], 1
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers = [self._res_block(ch, emb_dim, mult * cfg.model_channels)]
-                ch = mult * cfg.model_channels
-                if ds in cfg.attention_ds:
-                    layers.append(self._attention(ch))
-                self.input_blocks.append(TimestepBlock(*layers))
-                skip_channels.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                down = self._res_block(ch, emb_dim, ch, "down") if cfg.resblock_updown else Downsample(ch)
-                self.input_blocks.append(TimestepBlock(down))
-                skip_channels.append(ch)
-                ds *= 2
-        self.middle_block = TimestepBlock(
-            self._res_block(ch, emb_dim, ch), self._attention(ch), self._res_block(ch, emb_dim, ch))
+        self.time_embed, self.input_blocks, self.middle_block, skip_channels = encoder_half(cfg)
+        ch, ds, emb_dim = skip_channels[-1], cfg.downsample_factor, 4 * cfg.model_channels
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = [self._res_block(ch + skip_channels.pop(), emb_dim, mult * cfg.model_channels)]
+                layers = [_res_block(cfg, ch + skip_channels.pop(), emb_dim, mult * cfg.model_channels)]
                 ch = mult * cfg.model_channels
                 if ds in cfg.attention_ds:
-                    layers.append(self._attention(ch))
+                    layers.append(_attention(cfg, ch))
                 if level and i == cfg.num_res_blocks:
-                    layers.append(self._res_block(ch, emb_dim, ch, "up") if cfg.resblock_updown else Upsample(ch))
+                    layers.append(_res_block(cfg, ch, emb_dim, ch, "up") if cfg.resblock_updown else Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepBlock(*layers))
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
-
-    def _res_block(self, ch_in: int, emb_dim: int, ch_out: int, resample: str | None = None) -> ResBlock:
-        return ResBlock(ch_in, emb_dim, ch_out, self.cfg.dropout, self.cfg.use_scale_shift_norm, resample)
-
-    def _attention(self, ch: int) -> nn.Module:
-        num_heads, head_dim = heads_and_dim(ch, self.cfg.num_heads, self.cfg.num_head_channels)
-        if self.cfg.context_dim is None:
-            return AttentionBlock(ch, num_heads)
-        return SpatialTransformer(ch, num_heads, head_dim, self.cfg.transformer_depth, self.cfg.context_dim,
-                                  self.cfg.dropout)
 
     def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         f = self.cfg.downsample_factor

@@ -1,0 +1,4 @@
+from jobs.train_classifier.run import main
+
+if __name__ == "__main__":
+    main()
