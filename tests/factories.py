@@ -21,9 +21,11 @@ import torch
 
 from ldm.autoencoder.config import AUTOENCODER_PRESETS
 from ldm.autoencoder.model import build_autoencoder
+from ldm.diffusion.layout import Box
 from ldm.diffusion.schedules import NoiseSchedule
 from ldm.diffusion.unet import UNet
 from ldm.presets import PRESETS, build_conditioner
+from pipeline.conditions.layouts import LayoutConfig
 from pipeline.shards import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +91,52 @@ def write_latents(folder: Path, num_samples: int = 64, num_shards: int = 4, enco
                 "resolution": factor * SIZE, "crop": "center", "dtype": "float16", "storage": "moments",
                 "latent_shape": [C, SIZE, SIZE], "scale_factor": scale_factor, "scale_factor_source": "config",
                 "num_samples": num_samples, "shards": shards, "skipped": {}, "tokenizer": TOKENIZER}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+LAYOUT_C, LAYOUT_SIZE = PRESETS["debug-layout"].unet.out_channels, PRESETS["debug-layout"].latent_size
+LAYOUT_POLICY = LayoutConfig("boxes", num_classes=LAYOUT_C)
+
+
+def boxes_of(index: int) -> list[Box]:
+    """One of 8 layouts: one or two quarter-size boxes in the quadrants, categories 0..LAYOUT_C-1."""
+    k = index % 8
+    first = Box(k % LAYOUT_C, 0.5 * (k % 2), 0.5 * (k // 2 % 2), 0.5, 0.5)
+    if k < 4:
+        return [first]
+    return [first, Box((k + 1) % LAYOUT_C, 0.5 * (1 - k % 2), 0.5 * (1 - k // 2 % 2), 0.5, 0.5)]
+
+
+def layout_latent(boxes: list[Box]) -> np.ndarray:
+    """[C, SIZE, SIZE] of debug-layout in {-1, 1}: +1 inside each box, in its category's channel."""
+    z = -np.ones((LAYOUT_C, LAYOUT_SIZE, LAYOUT_SIZE), np.float32)
+    for b in boxes:
+        rows = slice(round(b.y0 * LAYOUT_SIZE), round((b.y0 + b.h) * LAYOUT_SIZE))
+        z[b.category, rows, round(b.x0 * LAYOUT_SIZE):round((b.x0 + b.w) * LAYOUT_SIZE)] = 1
+    return z
+
+
+def write_layout_latents(folder: Path, num_samples: int = 32, tokenizer: dict | None = None,
+                         crop: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)) -> Path:
+    """A debug-layout latent folder as precompute layout.boxes_key writes it: sample i paints boxes_of(i)
+    and stores its 92 tokens with the crop window `crop` (x0, y0, x1, y1)."""
+    folder.mkdir(parents=True)
+    samples = []
+    for i in range(num_samples):
+        tokens, _ = LAYOUT_POLICY.tokenizer.encode(boxes_of(i), crop)
+        samples.append({"__key__": f"{i:06d}", "txt": b"", "json": b"{}",
+                        "latent.npy": npy_bytes(layout_latent(boxes_of(i)).astype(np.float16)),
+                        "tokens.npy": npy_bytes(tokens.numpy().astype(np.int32))})
+    write_shard(folder / "00000.tar", samples)
+    manifest = {"format": "ldm-pipeline/latents", "schema_version": 1,
+                "encoder": {"source": "ours:x", "kind": "kl", "sha256": "0" * 64}, "resolution": 4 * LAYOUT_SIZE,
+                "crop": "center", "dtype": "float16", "storage": "latents",
+                "latent_shape": [LAYOUT_C, LAYOUT_SIZE, LAYOUT_SIZE], "scale_factor": 1.0,
+                "scale_factor_source": "config", "num_samples": num_samples,
+                "shards": [{"name": "00000.tar", "count": num_samples, "sha256": "", "source": ""}], "skipped": {},
+                "tokenizer": tokenizer or LAYOUT_POLICY.spec(), "text_encoder": None, "images": None,
+                "layout": {"objects_dropped": 0, "boxes_outside_crop": 0}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 

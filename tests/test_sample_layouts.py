@@ -1,13 +1,14 @@
 """`python -m jobs.sample layouts=FILE.jsonl`: one list of boxes per line becomes the layout tokens of the model's
 training manifest (its vocabulary and classes), the empty layout is the unconditional branch of guidance, and bad
-boxes fail before any sample naming the line."""
+boxes fail before any sample naming the line. `layouts=<layout latent folder>` (jobs.sample and jobs.evaluate,
+the Tab. 9 protocol) takes each sample's stored tokens, its crop included."""
 import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from factories import CONF, tiny_bundle
+from factories import CONF, LAYOUT_POLICY, boxes_of, tiny_bundle, write_latents, write_layout_latents
 from hydra import compose, initialize_config_dir
 
 import jobs.config
@@ -90,3 +91,55 @@ def test_layouts_need_a_layout_model_and_a_layout_model_needs_layouts(tmp_path, 
     untokenized = save_ldm(dataclasses.replace(layout_model, tokenizer=None), tmp_path / "bare")
     with pytest.raises(ValueError, match=r"records no layout tokenizer"):
         sample(_job(source=untokenized, out_dir=tmp_path / "out", layouts=layouts))
+
+
+CROP = (0.25, 0.0, 0.75, 1.0)  # a centre crop of a 2:1 picture, as precompute stores it
+
+
+def test_a_layout_latent_folder_gives_each_sample_its_stored_tokens_crop_included(tmp_path, layout_model):
+    assert POLICY.spec() == LAYOUT_POLICY.spec()
+    folder = write_layout_latents(tmp_path / "val", num_samples=3, crop=CROP)
+    source = save_ldm(layout_model, tmp_path / "layout")
+    sample(_job(source=source, out_dir=tmp_path / "out", layouts=folder))
+    record = json.loads((tmp_path / "out" / "samples.json").read_text())
+    assert [s["layout"] for s in record["samples"]] == [{"latent_key": f"{i:06d}"} for i in range(3)]
+    stored = torch.stack([POLICY.tokenizer.encode(boxes_of(i), CROP)[0] for i in range(2)])
+    cond, _ = condition_pair(layout_model, Conditions(layouts=list(stored)), (16, 16), CPU)
+    torch.testing.assert_close(cond["context"], layout_model.conditioner(stored))
+    whole = torch.stack([POLICY.tokenizer.encode(boxes_of(i))[0] for i in range(2)])
+    assert (stored[:, -2:] != whole[:, -2:]).all() and torch.equal(stored[:, :-2], whole[:, :-2])
+
+
+def test_a_latent_folder_of_other_tokens_is_refused_before_any_sample(tmp_path, layout_model):
+    source = save_ldm(layout_model, tmp_path / "layout")
+    other = write_layout_latents(tmp_path / "other", num_samples=2, tokenizer={**POLICY.spec(), "max_objects": 29})
+    with pytest.raises(ValueError, match=r"the layouts were stored with tokenizer .*max_objects': 29.* precompute them"):
+        sample(_job(source=source, out_dir=tmp_path / "out", layouts=other))
+    captions = write_latents(tmp_path / "captions", num_samples=4, num_shards=1)
+    with pytest.raises(ValueError, match=r"its manifest records no layout tokens .*layout.boxes_key"):
+        sample(_job(source=source, out_dir=tmp_path / "out", layouts=captions))
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_cycles_through_the_stored_layouts(tmp_path, layout_model):
+    from jobs.evaluate.config import EvaluateConfig
+    from jobs.evaluate.run import condition_rule
+
+    folder = write_layout_latents(tmp_path / "val", num_samples=3, crop=CROP)
+    source = save_ldm(layout_model, tmp_path / "layout")
+
+    def config(**extra) -> EvaluateConfig:
+        values = {"reference_stats": "x", "out_dir": "y", "source": source, "num_samples": 10} | extra
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            return jobs.config.to_dataclass(compose("evaluate", overrides=[f"{k}={v}" for k, v in values.items()]),
+                                            EvaluateConfig)
+
+    layouts = condition_rule(layout_model, config(layouts=folder))([4, 2, 9]).layouts
+    expected = [POLICY.tokenizer.encode(boxes_of(i), CROP)[0] for i in (1, 2, 0)]
+    assert all(torch.equal(a, b) for a, b in zip(layouts, expected, strict=True))
+    with pytest.raises(ValueError, match=r"is a layout-to-image model: set layouts="):
+        condition_rule(layout_model, config())
+    with pytest.raises(ValueError, match=r"is not a layout-to-image model: drop layouts"):
+        condition_rule(tiny_bundle("debug-cin"), config(layouts=folder))
+    with pytest.raises(ValueError, match=r"images= evaluates a folder as it is: drop .*layouts"):
+        config(layouts=folder, images=tmp_path, source="null")

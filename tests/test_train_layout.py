@@ -2,8 +2,6 @@
 by precompute from its boxes) to the transformer trained jointly with the UNet through cross-attention. One rank
 in this process; each latent paints its boxes (a box fills its category's channel), so the layout carries what
 the model must predict. Wrong pairings of tokens and presets fail before any step."""
-import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,65 +9,28 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from factories import logged_losses, make_config, run_train, spatial_train_overrides
+from factories import (
+    LAYOUT_POLICY,
+    boxes_of,
+    logged_losses,
+    make_config,
+    run_train,
+    spatial_train_overrides,
+    write_layout_latents,
+)
 
 from jobs.checkpointing import CheckpointManager
 from jobs.train.setup import build_models
-from ldm.diffusion.layout import Box
 from ldm.presets import PRESETS
-from pipeline.conditions.layouts import LayoutConfig
 from pipeline.latents.loader import LatentLoader
-from pipeline.shards import write_shard
 
 PRESET = PRESETS["debug-layout"]
-C, SIZE = PRESET.unet.out_channels, PRESET.latent_size
-POLICY = LayoutConfig("boxes", num_classes=C)
-
-
-def boxes_of(index: int) -> list[Box]:
-    """One of 8 layouts: one or two quarter-size boxes in the quadrants, categories 0..C-1."""
-    k = index % 8
-    first = Box(k % C, 0.5 * (k % 2), 0.5 * (k // 2 % 2), 0.5, 0.5)
-    return [first] if k < 4 else [first, Box((k + 1) % C, 0.5 * (1 - k % 2), 0.5 * (1 - k // 2 % 2), 0.5, 0.5)]
-
-
-def latent_of(boxes: list[Box]) -> np.ndarray:
-    """[C, SIZE, SIZE] in {-1, 1}: +1 inside each box, in its category's channel."""
-    z = -np.ones((C, SIZE, SIZE), np.float32)
-    for b in boxes:
-        z[b.category, round(b.y0 * SIZE):round((b.y0 + b.h) * SIZE), round(b.x0 * SIZE):round((b.x0 + b.w) * SIZE)] = 1
-    return z
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-def write_latents(folder: Path, num_samples: int = 32, tokenizer: dict | None = None) -> Path:
-    folder.mkdir(parents=True)
-    samples = []
-    for i in range(num_samples):
-        tokens, _ = POLICY.tokenizer.encode(boxes_of(i))
-        samples.append({"__key__": f"{i:06d}", "txt": b"", "json": b"{}",
-                        "latent.npy": _npy(latent_of(boxes_of(i)).astype(np.float16)),
-                        "tokens.npy": _npy(tokens.numpy().astype(np.int32))})
-    write_shard(folder / "00000.tar", samples)
-    manifest = {"format": "ldm-pipeline/latents", "schema_version": 1,
-                "encoder": {"source": "ours:x", "kind": "kl", "sha256": "0" * 64}, "resolution": 4 * SIZE,
-                "crop": "center", "dtype": "float16", "storage": "latents", "latent_shape": [C, SIZE, SIZE],
-                "scale_factor": 1.0, "scale_factor_source": "config", "num_samples": num_samples,
-                "shards": [{"name": "00000.tar", "count": num_samples, "sha256": "", "source": ""}], "skipped": {},
-                "tokenizer": tokenizer or POLICY.spec(), "text_encoder": None, "images": None,
-                "layout": {"objects_dropped": 0, "boxes_outside_crop": 0}}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
+POLICY = LAYOUT_POLICY
 
 
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory) -> Path:
-    return write_latents(tmp_path_factory.mktemp("layout") / "latents")
+    return write_layout_latents(tmp_path_factory.mktemp("layout") / "latents")
 
 
 def overrides_for(latent_dir: Path, run_dir: Path, max_steps: int, **extra) -> list[str]:
@@ -101,7 +62,7 @@ def test_the_batch_holds_each_samples_layout_tokens_and_the_transformer_trains(l
 ])
 def test_tokens_that_do_not_fit_the_preset_are_refused_before_training(tmp_path, single_process_env, tokenizer,
                                                                        preset, message):
-    other = write_latents(tmp_path / "other", num_samples=8, tokenizer=tokenizer)
+    other = write_layout_latents(tmp_path / "other", num_samples=8, tokenizer=tokenizer)
     with pytest.raises(ValueError, match=message):
         run_train(single_process_env, overrides_for(other, tmp_path / "run", 1, **{"model.preset": preset}))
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -63,6 +63,9 @@ class EvaluateConfig:
     mask_setting: str | None = None   # pipeline.conditions.masks setting; None: thick-256 (or thick-512 above 256 px)
     maps: str | None = None           # semantic models: segmentation maps (PNG class ids); sample i gets map
     #                                   i % count; FID against reference_stats (the paper reports none: qualitative)
+    layouts: str | None = None        # layout models: a layout latent folder (Tab. 9: the centre-cropped validation
+    #                                   set, so each sample's crop tokens match its reference image) or a JSON-lines
+    #                                   file of boxes, as jobs.sample; sample i gets layout i % count
     lpips: bool = True                # with inpaint_images: also LPIPS-VGG (needs its weights: lpips_vgg_path, ...)
     lpips_vgg_path: str | None = None   # torchvision's VGG16 file; None: torch hub's cache
     lpips_heads_path: str | None = None  # the LPIPS v0.1 heads; None: the installed lpips package's
@@ -89,8 +92,9 @@ class EvaluateConfig:
                  "sample per split at least; lower metrics.isc_splits"),
                 (self.resolution is None or self.resolution > 0, f"resolution={self.resolution}: positive or null"),
                 (self.device in DEVICES, f"device={self.device!r}: one of {DEVICES}"),
-                (self.images is None or (self.prompt_file is None and self.class_ids is None and self.maps is None),
-                 "images= evaluates a folder as it is: drop prompt_file / class_ids / maps"),
+                (self.images is None or (self.prompt_file is None and self.class_ids is None and self.maps is None
+                                         and self.layouts is None),
+                 "images= evaluates a folder as it is: drop prompt_file / class_ids / maps / layouts"),
                 (self.hr_images is None or self.source is not None,
                  "hr_images= is the super-resolution protocol: set source=RUN_OR_EXPORT of an SR model"),
                 (self.degradation in DEGRADATIONS, f"degradation={self.degradation!r}: one of {DEGRADATIONS}"),

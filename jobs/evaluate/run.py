@@ -7,9 +7,9 @@
     python -m jobs.evaluate -m sampling.guidance_scale=1,3,5 source=... # a sweep: one folder per point
 
 Generation: sample i (i < num_samples) gets prompt line i % count of prompt_file (text models),
-class_ids[i % count] (class models; default every class in turn) and seed `seed + i`; rank r makes
-the samples i with i % world_size == r (jobs.sample.generate, deterministic by global index), so the
-sample set and the numbers do not depend on the number of ranks. Each rank extracts Inception
+class_ids[i % count] (class models; default every class in turn), layout i % count of `layouts` (layout
+models) and seed `seed + i`; rank r makes the samples i with i % world_size == r (jobs.sample.generate,
+deterministic by global index), so the sample set and the numbers do not depend on the number of ranks. Each rank extracts Inception
 features of its samples; all ranks gather them; rank 0 computes the metrics against the reference
 statistics (jobs.fid_stats) and writes `out_dir/metrics.json` (metrics, protocol, sampling
 settings, source) and logs them to metrics.jsonl and W&B (`logger=offline` by default).
@@ -57,7 +57,7 @@ from jobs.metrics import Metrics
 from jobs.sample.conditions import Conditions
 from jobs.sample.config import SampleConfig
 from jobs.sample.generate import generate, seeds_for
-from jobs.sample.run import build_plan, check_maps
+from jobs.sample.run import build_plan, check_layouts, check_maps
 from pipeline.models.bundle import LDMBundle, load_ldm
 from pipeline.models.weights import load_lpips_or_explain
 from pipeline.shards import atomic_write_json
@@ -86,6 +86,8 @@ def condition_rule(bundle: LDMBundle, cfg: EvaluateConfig) -> Callable[[list[int
         raise ValueError(f"preset {bundle.preset_name!r} is not class-conditional: drop class_ids")
     if cfg.maps is not None and kind != "rescaler":
         raise ValueError(f"preset {bundle.preset_name!r} is not a semantic-synthesis model: drop maps")
+    if cfg.layouts is not None and kind != "layout":
+        raise ValueError(f"preset {bundle.preset_name!r} is not a layout-to-image model: drop layouts")
     if kind == "text":
         prompts = read_prompts(cfg.prompt_file)
         return lambda indices: Conditions(prompts=[prompts[i % len(prompts)] for i in indices])
@@ -101,6 +103,13 @@ def condition_rule(bundle: LDMBundle, cfg: EvaluateConfig) -> Callable[[list[int
         plan = build_plan(SampleConfig(source=cfg.source, out_dir="", maps=cfg.maps, num_per_prompt=1))
         check_maps(bundle, plan)
         return lambda indices: Conditions(maps=plan.values[[i % len(plan.values) for i in indices]])
+    if kind == "layout":
+        if cfg.layouts is None:
+            raise ValueError(f"preset {bundle.preset_name!r} is a layout-to-image model: set layouts=<a layout latent "
+                             "folder (Tab. 9: the centre-cropped validation latents) or a JSON-lines file of boxes>")
+        plan = build_plan(SampleConfig(source=cfg.source, out_dir="", layouts=cfg.layouts, num_per_prompt=1))
+        check_layouts(bundle, plan)
+        return lambda indices: Conditions(layouts=[plan.values[i % len(plan.values)] for i in indices])
     raise ValueError(f"preset {bundle.preset_name!r} is conditioned on images ({kind}): for super-resolution set "
                      "hr_images=FOLDER (the Tab. 5 protocol), for inpainting inpaint_images=FOLDER (Tab. 7), else "
                      "evaluate its samples with images=FOLDER")
@@ -148,6 +157,7 @@ def _record(cfg: EvaluateConfig, metrics: dict, ours: dict, reference: dict, sou
             "source": source, "sampling": dataclasses.asdict(cfg.sampling) if cfg.source else None,
             "seed": cfg.seed, "prompt_file": cfg.prompt_file, "class_ids": cfg.class_ids,
             "maps": str(Path(cfg.maps).resolve()) if cfg.maps else None,
+            "layouts": str(Path(cfg.layouts).resolve()) if cfg.layouts else None,
             "super_resolution": {"hr_images": str(Path(cfg.hr_images).resolve()), "degradation": cfg.degradation,
                                  "scale": sr.SCALE} if cfg.hr_images else None,
             "inpainting": {"images": str(Path(cfg.inpaint_images).resolve()),

@@ -40,7 +40,8 @@ class Conditions:
     images: [N, 3, H, W] in [-1, 1] (SR: the low-res input; inpainting: the image to complete).
     masks: [N, 1, H, W] in {0, 1}, 1 = the region to generate (inpainting only, with `images`).
     maps: [N, H, W] integer class ids at image size (semantic synthesis).
-    layouts: N lists of ldm.diffusion.layout.Box, image-relative (layout-to-image; the crop is the whole image).
+    layouts: N lists of ldm.diffusion.layout.Box, image-relative (layout-to-image; the crop is the whole image),
+        or N token rows [L] as precompute stored them with their crop (a layout latent folder).
     guide_targets: [N, 3, h, w] in [-1, 1], the images y of image guiding (App. C, Eq. 17), with any model:
         sampling.image_guidance_scale > 0 pulls T(D(z0_hat)) towards them (jobs.sample.generate).
     """
@@ -165,6 +166,14 @@ def layout_tokens(bundle, layouts: list) -> Tensor:
     tokenizer = tokenizer_of(spec)
     rows = []
     for i, boxes in enumerate(layouts):
+        if isinstance(boxes, Tensor):  # tokens precompute stored (pipeline.conditions.layouts.read_layout_tokens)
+            if boxes.shape != (tokenizer.sequence_length,) or int(boxes.min()) < 0 or int(boxes.max()) >= spec[
+                    "num_tokens"]:
+                raise ValueError(f"layout {i}: stored tokens of shape {tuple(boxes.shape)} in [{int(boxes.min())}, "
+                                 f"{int(boxes.max())}], the model takes {tokenizer.sequence_length} tokens below "
+                                 f"{spec['num_tokens']}")
+            rows.append(boxes.long())
+            continue
         try:
             rows.append(tokenizer.encode(boxes)[0])
         except ValueError as err:

@@ -28,7 +28,8 @@ class SampleConfig:
     masks: str | None = None             # inpainting: masks (white = generate), same count and order as images
     maps: str | None = None              # semantic: segmentation maps (8-bit grey PNG of class ids; a file or folder)
     layouts: str | None = None           # layout-to-image: a JSON-lines file, one list of boxes per line, each
-                                         # {"category": int, "bbox": [x0, y0, w, h] in [0, 1], "is_group_of": bool}
+                                         # {"category": int, "bbox": [x0, y0, w, h] in [0, 1], "is_group_of": bool};
+                                         # or a layout latent folder (precompute layout.boxes_key): its stored tokens
     guide_images: str | None = None      # image guiding (App. C): one target per condition (per row alone when
                                          # unconditional), with sampling.image_guidance_scale > 0
     classifier: str | None = None        # classifier guidance (App. D.4, LDM-8-G): a jobs.train_classifier out_dir,

@@ -40,9 +40,9 @@ from jobs.sample.generate import (
     image_size,
     seeds_for,
 )
-from ldm.diffusion.layout import Box
 from jobs.sample.conditions import layout_tokens
-from pipeline.conditions.layouts import parse_boxes
+from ldm.diffusion.layout import Box
+from pipeline.conditions.layouts import parse_boxes, read_layout_tokens
 from pipeline.models.weights import load_lpips_or_explain
 from pipeline.shards import atomic_write_bytes, atomic_write_json
 
@@ -63,6 +63,7 @@ class SamplePlan:
     mask_labels: list | None = None
     guide_targets: torch.Tensor | None = None  # per condition (per row when unconditional): image guiding
     guide_labels: list | None = None
+    tokenizer: dict | None = None    # layouts read as stored tokens: the tokenizer they were stored with
 
     def conditions(self, indices: list[int]) -> Conditions:
         rows = [i // self.per_condition for i in indices]
@@ -105,8 +106,13 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _read_layouts(path: str) -> tuple[list[list], list[list[Box]]]:
-    """(what samples.json records, the boxes) of a JSON-lines file holding one list of boxes per line."""
+def _read_layouts(path: str) -> tuple[list, list[list[Box]] | torch.Tensor, dict | None]:
+    """(what samples.json records, the layouts, the tokenizer they were stored with) of a JSON-lines file
+    holding one list of boxes per line (no tokenizer: the model's encodes them), or of a layout latent folder
+    (each sample's stored tokens, crop included; samples.json records its key)."""
+    if Path(path).is_dir():
+        keys, tokens, spec = read_layout_tokens(path)
+        return [{"latent_key": key} for key in keys], torch.from_numpy(tokens), spec
     if not Path(path).is_file():
         raise ValueError(f"layouts={path!r} does not exist: give a JSON-lines file, one list of boxes per line")
     labels, layouts = [], []
@@ -116,7 +122,16 @@ def _read_layouts(path: str) -> tuple[list[list], list[list[Box]]]:
             labels.append(json.loads(line))
     if not layouts:
         raise ValueError(f"layouts={path!r} holds no layouts: one JSON list of boxes per line")
-    return labels, layouts
+    return labels, layouts, None
+
+
+def check_layouts(bundle, plan: SamplePlan) -> None:
+    """ValueError before any sample for layouts the model cannot take: bad boxes, or stored tokens of
+    another tokenizer than the one the model was trained with."""
+    if plan.tokenizer is not None and plan.tokenizer != bundle.tokenizer:
+        raise ValueError(f"the layouts were stored with tokenizer {plan.tokenizer}, the model was trained with "
+                         f"{bundle.tokenizer}: precompute them with the model's layout settings")
+    layout_tokens(bundle, list(plan.values))
 
 
 def _image_files(path: str, key: str) -> list[Path]:
@@ -183,8 +198,8 @@ def _condition_plan(cfg: SampleConfig) -> SamplePlan:
         prompts = list(cfg.prompts) if cfg.prompts is not None else _read_prompts(cfg.prompt_file)
         return SamplePlan(len(prompts) * n, n, "prompt", prompts, prompts)
     if cfg.layouts is not None:
-        labels, layouts = _read_layouts(cfg.layouts)
-        return SamplePlan(len(layouts) * n, n, "layout", labels, layouts)
+        labels, layouts, tokenizer = _read_layouts(cfg.layouts)
+        return SamplePlan(len(layouts) * n, n, "layout", labels, layouts, tokenizer=tokenizer)
     if cfg.class_ids is not None:
         ids = [int(c) for c in cfg.class_ids]
         return SamplePlan(len(ids) * n, n, "class_id", ids, ids)
@@ -332,7 +347,7 @@ def sample(cfg: SampleConfig) -> dict | None:
         if plan.key == "map":
             check_maps(bundle, plan)
         if plan.key == "layout":
-            layout_tokens(bundle, plan.values)  # every layout's boxes, before any sample
+            check_layouts(bundle, plan)  # every layout, before any sample
         lpips = None
         if cfg.sampling.image_guidance_scale > 0 and cfg.sampling.image_guidance_loss == "lpips":
             lpips = load_lpips_or_explain(cfg.lpips_vgg_path, cfg.lpips_heads_path,

@@ -99,3 +99,26 @@ def layout_tokens(meta: dict, image_size: tuple[int, int], crop: tuple[int, int,
     tokens, _ = tokenizer.encode(inside, crop=window)
     counts = {"objects_dropped": len(boxes) - len(kept), "boxes_outside_crop": len(kept) - len(inside)}
     return tokens.numpy().astype(np.int32), counts
+
+
+def read_layout_tokens(folder) -> tuple[list[str], np.ndarray, dict]:
+    """(keys, tokens [N, L] int64, the manifest's tokenizer spec) of a latent folder that precompute wrote with
+    layout.boxes_key: each sample's stored crop tokens, in manifest order. For the Tab. 9 protocol the folder is
+    the centre-cropped validation set, so the crop tokens match the reference images. ValueError for a folder
+    without layout tokens."""
+    from pipeline.latents.manifest import iter_latent_samples, read_manifest
+
+    spec = read_manifest(folder).get("tokenizer")
+    if not spec or spec.get("kind") != "layout":
+        raise ValueError(f"layouts={str(folder)!r}: its manifest records no layout tokens (tokenizer {spec}); "
+                         "precompute the layouts with layout.boxes_key=..., or give a JSON-lines file of boxes")
+    keys, rows = [], []
+    for sample in iter_latent_samples(folder):
+        if sample["tokens"] is None or sample["tokens"].shape != (spec["max_length"],):
+            raise ValueError(f"layouts={str(folder)!r}: sample {sample['key']} holds no {spec['max_length']} layout "
+                             "tokens: precompute the folder again")
+        keys.append(sample["key"])
+        rows.append(sample["tokens"].astype(np.int64))
+    if not rows:
+        raise ValueError(f"layouts={str(folder)!r} holds no samples")
+    return keys, np.stack(rows), spec
