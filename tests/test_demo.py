@@ -101,6 +101,7 @@ def test_settings_errors_name_the_option():
     assert settings.guidance_t_max is None and settings.train_steps == 7 and reuse is False and task == "t2i"
     assert demo.parse_args(["--task", "sr"])[2] == "sr" and demo.parse_args(["--task", "semantic"])[2] == "semantic"
     assert demo.parse_args(["--task", "guiding"])[2] == "guiding" and demo.parse_args(["--task", "class"])[2] == "class"
+    assert demo.parse_args(["--task", "layout"])[2] == "layout"
     with pytest.raises(SystemExit):
         demo.parse_args(["--task", "inpaint"])  # argparse names the choices
 
@@ -115,6 +116,7 @@ SR_HEADLINE_KEYS = ("sr_psnr", "bicubic_psnr", "sr_ssim", "bicubic_ssim", "sr_fi
                     "stage_seconds", "report")
 SR_SECTIONS = ("Headline", "Stages", "Training curves", "Autoencoder reconstructions", "Super-resolution", "Settings")
 SEMANTIC_STAGES = ("sem_ldm", "sem_eval")
+LAYOUT_STAGES = ("layout_data", "layout_ingest", "layout_latents", "layout_ldm", "layout_eval")
 
 
 @pytest.mark.slow
@@ -229,6 +231,32 @@ def test_demo_runs_every_stage_end_to_end_and_a_rerun_reuses_them(tmp_path, caps
     assert cls["class_adherence_chance"] == pytest.approx(1 / 3)
     assert cls["class_check"]["passed"] == (cls["class_adherence_guided"] > max(cls["class_adherence_unguided"], 1 / 3))
     assert "## Class-conditional samples" in (tmp_path / "demo" / "report-class.md").read_text()
+
+    # --task layout: its own scenes of 1-3 shapes, their boxes through ingest (KEY.json) and precompute (92 tokens
+    # each); the adherences are the box detector's reading of the saved samples against their own and the next
+    # layout's boxes
+    demo.main([*args, "--task", "layout"])
+    lay = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert lay["stages_reused"] == list(SHARED_STAGES)
+    assert set(lay["stage_seconds"]) == {*SHARED_STAGES, *LAYOUT_STAGES}
+    from jobs.demo.layout_scenes import box_adherence, read_layouts
+    from pipeline.latents.manifest import iter_latent_samples, read_manifest
+
+    root = tmp_path / "demo" / "layout"
+    manifest = read_manifest(root / "latents")
+    assert manifest["tokenizer"]["kind"] == "layout" and manifest["tokenizer"]["num_tokens"] == 257
+    first = next(iter_latent_samples(root / "latents"))
+    assert first["tokens"].shape == (92,) and "boxes" in first["meta"]
+    layouts = read_layouts(root / "eval" / "layouts.jsonl")
+    samples = [Image.open(root / "eval" / "samples" / f"{i:06d}.png").convert("RGB") for i in range(len(layouts))]
+    assert len(layouts) == 24 and lay["num_boxes"] == sum(map(len, layouts))
+    assert lay["layout_adherence"] == pytest.approx(box_adherence(samples, layouts))
+    assert lay["layout_adherence_shuffled"] == pytest.approx(box_adherence(samples, layouts[1:] + layouts[:1]))
+    assert lay["layout_adherence_scenes"] >= 0.95  # the detector finds the held-out scenes' own boxes
+    assert lay["layout_check"]["passed"] == (lay["layout_adherence"] >= lay["layout_adherence_shuffled"] + 0.3)
+    record = json.loads((root / "eval" / "samples" / "samples.json").read_text())
+    assert [r["layout"] for r in record["samples"]] == layouts
+    assert "## Layout-to-image" in (tmp_path / "demo" / "report-layout.md").read_text()
 
 
 def _signed(images) -> torch.Tensor:

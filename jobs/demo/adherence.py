@@ -82,9 +82,9 @@ def _otsu_threshold(values: np.ndarray, num_bins: int = 128) -> float:
     return float(edges[1 + int(np.argmax(between))])
 
 
-def _largest_component(mask_HW: np.ndarray) -> np.ndarray:
-    """The largest 4-connected component of `mask_HW` (ties: the one found first). Each pixel's
-    label spreads to its neighbours until every component carries its largest pixel index."""
+def label_components(mask_HW: np.ndarray) -> np.ndarray:
+    """int64 [H, W]: 0 off the mask, each 4-connected component of `mask_HW` one positive label (its
+    largest pixel index + 1). Each pixel's label spreads to its neighbours until nothing changes."""
     height, width = mask_HW.shape
     padded = np.zeros((height + 2, width + 2), np.int64)  # a zero border: no wrap-around
     labels_HW = padded[1:-1, 1:-1]  # a view: writing it updates `padded`
@@ -93,8 +93,13 @@ def _largest_component(mask_HW: np.ndarray) -> np.ndarray:
         neighbours = [padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
         spread_HW = np.where(mask_HW, np.maximum.reduce([labels_HW, *neighbours]), 0)
         if np.array_equal(spread_HW, labels_HW):
-            break
+            return labels_HW.copy()
         labels_HW[...] = spread_HW
+
+
+def _largest_component(mask_HW: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of `mask_HW` (ties: the one of the smallest label)."""
+    labels_HW = label_components(mask_HW)
     counts = np.bincount(labels_HW.ravel())
     counts[0] = 0
     return labels_HW == int(np.argmax(counts)) if counts.any() else mask_HW

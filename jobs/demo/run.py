@@ -1,6 +1,6 @@
 """The embedded demo: the whole pipeline end to end on synthetic captioned scenes, on CPU, in minutes.
 
-    python -m jobs.demo [--task t2i|sr|inpainting|semantic|guiding|class] [--out runs/demo] [--train-steps 2000]
+    python -m jobs.demo [--task t2i|sr|inpainting|semantic|guiding|class|layout] [--out runs/demo] [--train-steps 2000]
                         [--fresh]
 
 Stages (each the project's real job, run as the command a user would type; jobs/demo/commands.py):
@@ -24,6 +24,9 @@ Stages (each the project's real job, run as the command a user would type; jobs/
   report-guiding.md
 --task class (jobs/demo/tasks/classes.py): the same, then class_ldm (the class is the scene's shape) and class_eval
   (the detector reads the shape back from guided and unguided samples), report-class.md
+--task layout (jobs/demo/tasks/layout.py): the same, then scenes of 1-3 shapes with boxes through their own
+  layout_data, layout_ingest, layout_latents (92 layout tokens each), layout_ldm and layout_eval (the box
+  detector scores each sample against its own boxes and another scene's), report-layout.md
 The tasks share the first three stages (the image tasks also image_latents): a second task in the
 same --out reuses them.
 Each prints one line of what it did and how long it took; a failure names the stage and its log
@@ -44,7 +47,7 @@ from jobs.demo import commands, evaluation
 from jobs.demo.report import write_report
 from jobs.demo.scenes import Scene, scene_for_index
 from jobs.demo.stages import Stage, StageFailed, StageRunner
-from jobs.demo.tasks import classes, guiding, inpainting, semantic, sr
+from jobs.demo.tasks import classes, guiding, inpainting, layout, semantic, sr
 from pipeline.shards import atomic_write_json
 
 PROMPT_ORDER_SEED = 7  # which scene each sample index asks for (a seeded order of all 144 captions)
@@ -204,7 +207,7 @@ def run_image_task(task, s: DemoSettings, runner: StageRunner, results: dict) ->
 
 TASKS = {"t2i": run_t2i, "sr": partial(run_image_task, sr), "inpainting": partial(run_image_task, inpainting),
          "semantic": partial(run_image_task, semantic), "guiding": partial(run_image_task, guiding),
-         "class": partial(run_image_task, classes)}
+         "class": partial(run_image_task, classes), "layout": partial(run_image_task, layout)}
 
 
 def parse_args(argv=None) -> tuple[DemoSettings, bool, str]:

@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.shards import atomic_write_bytes
+
 SHAPES = ("circle", "square", "triangle")
 # Saturated, pairwise distinct hues: far from each other AND from the light background, so that
 # a grainy sample's colour is still unambiguous.
@@ -140,7 +142,7 @@ def shape_centre(
     return float(centre[0]), float(centre[1])
 
 
-def _background(size: int, rng: np.random.Generator | None) -> np.ndarray:
+def background(size: int, rng: np.random.Generator | None) -> np.ndarray:
     """A light (size, size, 3) float canvas: a per-image tint, a faint linear gradient and
     per-pixel grain, so the model cannot learn the background as one flat colour."""
     if rng is None:
@@ -166,9 +168,18 @@ def render_with_map(scene: Scene, size: int = 64,
     and MAP_CLASSES.index(shape) under the shape (semantic synthesis, jobs.demo --task semantic)."""
     if size < 8:
         raise ValueError(f"size={size}: use a canvas of at least 8 pixels")
-    canvas_HW3 = _background(size, rng)
-    side = SIZE_FRACTIONS[scene.size] * size
-    mask_HW = shape_mask(scene.shape, side, shape_centre(scene, size, rng), size)
+    canvas_HW3 = background(size, rng)
+    mask_HW = paint_shape(canvas_HW3, scene, rng)
+    ids_HW = (mask_HW * MAP_CLASSES.index(scene.shape)).astype(np.uint8)
+    return Image.fromarray(np.clip(np.rint(canvas_HW3), 0, 255).astype(np.uint8), "RGB"), ids_HW
+
+
+def paint_shape(canvas_HW3: np.ndarray, scene: Scene, rng: np.random.Generator | None = None,
+                sizes: dict[str, float] = SIZE_FRACTIONS) -> np.ndarray:
+    """Paint `scene`'s shape into the float canvas (grainy, tinted and jittered with `rng`), its bounding
+    box's side `sizes[scene.size]` of the canvas; returns its mask."""
+    size = canvas_HW3.shape[0]
+    mask_HW = shape_mask(scene.shape, sizes[scene.size] * size, shape_centre(scene, size, rng), size)
     fill_3 = np.array(COLOURS[scene.colour], float)
     if rng is not None:
         fill_3 = fill_3 + rng.uniform(-10, 10, 3)
@@ -176,21 +187,14 @@ def render_with_map(scene: Scene, size: int = 64,
     else:
         fill_N3 = fill_3
     canvas_HW3[mask_HW] = fill_N3
-    ids_HW = (mask_HW * MAP_CLASSES.index(scene.shape)).astype(np.uint8)
-    return Image.fromarray(np.clip(np.rint(canvas_HW3), 0, 255).astype(np.uint8), "RGB"), ids_HW
+    return mask_HW
 
 
 def _sample_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index, 1])  # the trailing 1 separates it from the order
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _jpeg_bytes(image: Image.Image) -> bytes:
+def jpeg_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     # 4:4:4 chroma: at 64 px, 4:2:0 subsampling would smear the colour over the shape's edge.
     image.save(buffer, format="JPEG", quality=_JPEG_QUALITY, subsampling=0)
@@ -204,10 +208,10 @@ def _write_sample(out_dir: Path, index: int, seed: int, image_size: int) -> dict
     rng = _sample_rng(seed, index)
     relative, map_relative = f"images/{index:06d}.jpg", f"maps/{index:06d}.png"
     image, ids = render_with_map(scene, image_size, rng)
-    _atomic_write(out_dir / relative, _jpeg_bytes(image))
+    atomic_write_bytes(out_dir / relative, jpeg_bytes(image))
     buffer = io.BytesIO()
     Image.fromarray(ids).save(buffer, format="PNG")
-    _atomic_write(out_dir / map_relative, buffer.getvalue())
+    atomic_write_bytes(out_dir / map_relative, buffer.getvalue())
     return {
         "url": relative, "map": map_relative, "caption": scene.caption, "width": image_size, "height": image_size,
         **scene.attributes,
@@ -217,9 +221,9 @@ def _write_sample(out_dir: Path, index: int, seed: int, image_size: int) -> dict
     }
 
 
-def _write_parquet(path: Path, rows: list[dict]) -> None:
+def write_parquet(path: Path, rows: list[dict], schema: pa.Schema = URL_SCHEMA) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=URL_SCHEMA), tmp)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
     os.replace(tmp, path)
 
 
@@ -243,8 +247,8 @@ def write_demo_dataset(
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / "maps").mkdir(exist_ok=True)
     rows = [_write_sample(out_dir, i, seed, image_size) for i in range(num_images + held_out)]
-    _write_parquet(out_dir / "urls.parquet", rows[:num_images])
-    _write_parquet(out_dir / "held_out.parquet", rows[num_images:])
+    write_parquet(out_dir / "urls.parquet", rows[:num_images])
+    write_parquet(out_dir / "held_out.parquet", rows[num_images:])
     return {
         "out_dir": str(out_dir), "urls": str(out_dir / "urls.parquet"),
         "held_out_urls": str(out_dir / "held_out.parquet"), "num_images": num_images,
