@@ -77,6 +77,14 @@ def read_prompts(prompt_file: str | None) -> list[str]:
     return prompts
 
 
+FOLDER_CONDITIONS = {
+    "rescaler": ("maps", "a semantic-synthesis model: set maps=FOLDER (PNG class-id maps; sample i gets map i % count)",
+                 check_maps),
+    "layout": ("layouts", "a layout-to-image model: set layouts=<a layout latent folder (Tab. 9: the centre-cropped "
+               "validation latents) or a JSON-lines file of boxes>", check_layouts),
+}
+
+
 def condition_rule(bundle: LDMBundle, cfg: EvaluateConfig) -> Callable[[list[int]], Conditions]:
     """Global sample indices -> their Conditions (prompts / classes cycle, so any index has one)."""
     kind = bundle.preset.conditioner.kind
@@ -96,20 +104,13 @@ def condition_rule(bundle: LDMBundle, cfg: EvaluateConfig) -> Callable[[list[int
         return lambda indices: Conditions(class_ids=[class_ids[i % len(class_ids)] for i in indices])
     if kind == "none":
         return lambda indices: Conditions()
-    if kind == "rescaler":
-        if cfg.maps is None:
-            raise ValueError(f"preset {bundle.preset_name!r} is a semantic-synthesis model: set maps=FOLDER (PNG "
-                             "class-id maps; sample i gets map i % count)")
-        plan = build_plan(SampleConfig(source=cfg.source, out_dir="", maps=cfg.maps, num_per_prompt=1))
-        check_maps(bundle, plan)
-        return lambda indices: Conditions(maps=plan.values[[i % len(plan.values) for i in indices]])
-    if kind == "layout":
-        if cfg.layouts is None:
-            raise ValueError(f"preset {bundle.preset_name!r} is a layout-to-image model: set layouts=<a layout latent "
-                             "folder (Tab. 9: the centre-cropped validation latents) or a JSON-lines file of boxes>")
-        plan = build_plan(SampleConfig(source=cfg.source, out_dir="", layouts=cfg.layouts, num_per_prompt=1))
-        check_layouts(bundle, plan)
-        return lambda indices: Conditions(layouts=[plan.values[i % len(plan.values)] for i in indices])
+    if kind in FOLDER_CONDITIONS:  # sample i gets condition i % count of a folder or file, as jobs.sample reads it
+        key, missing, check = FOLDER_CONDITIONS[kind]
+        if getattr(cfg, key) is None:
+            raise ValueError(f"preset {bundle.preset_name!r} is {missing}")
+        plan = build_plan(SampleConfig(source=cfg.source, out_dir="", num_per_prompt=1, **{key: getattr(cfg, key)}))
+        check(bundle, plan)
+        return lambda indices: plan.conditions([i % plan.total for i in indices])
     raise ValueError(f"preset {bundle.preset_name!r} is conditioned on images ({kind}): for super-resolution set "
                      "hr_images=FOLDER (the Tab. 5 protocol), for inpainting inpaint_images=FOLDER (Tab. 7), else "
                      "evaluate its samples with images=FOLDER")
