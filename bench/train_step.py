@@ -83,7 +83,8 @@ def diffusers_peer(cfg, sample_size: int):
 def our_config(args, latent_dir: Path, run_dir: Path) -> TrainConfig:
     return TrainConfig(
         run_dir=str(run_dir), model=ModelConfig(preset=args.preset, train_text_encoder=not args.unet_only),
-        trainer=TrainerConfig(zero_stage=2, precision=args.precision, max_steps=10**6, compile=args.compile,
+        trainer=TrainerConfig(zero_stage=args.zero_stage, precision=args.precision, max_steps=10**6, compile=args.compile,
+                              compile_backend=args.compile_backend,
                               device="cuda" if args.gpu else "cpu"),
         optim=OptimConfig(lr=1e-4), logger=LoggerConfig(mode="disabled", progress_bar=False),
         data=LatentDataConfig(path=str(latent_dir), batch_size=args.batch, num_workers=1, use_tokens=True,
@@ -104,7 +105,7 @@ def peer_step(args, device: torch.device, batch: dict):
     unet = diffusers_peer(preset.unet, preset.latent_size).to(device)
     text = build_conditioner(preset.conditioner).to(device).requires_grad_(not args.unet_only)
     if args.compile:
-        unet = torch.compile(unet)
+        unet = torch.compile(unet, backend=args.compile_backend)
     params = [p for m in (unet, text) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     z_0, tokens = batch["z"].to(device), batch["tokens"].to(device)
@@ -124,6 +125,28 @@ def peer_step(args, device: torch.device, batch: dict):
     return step, sum(p.numel() for p in unet.parameters())
 
 
+def peak_memory(args, job, device: torch.device, num_steps: int) -> dict:
+    """Our step alone, `num_steps` times after one warm-up: the peak memory it reached."""
+    step = our_step(job)
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(num_steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak, kind = torch.cuda.max_memory_allocated(), "cuda_max_allocated"
+    else:
+        import resource
+
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_peak_rss"
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in job.engine.module.parameters() if p.requires_grad)
+    return {"bench": "train_step_memory", "device": torch.cuda.get_device_name() if args.gpu else "cpu",
+            "preset": args.preset, "zero_stage": args.zero_stage, "batch": args.batch, "precision": args.precision,
+            "trainable_params": params, "peak_memory_gib": round(peak / 2**30, 3), "measure": kind}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="1.45B preset on CUDA, bf16")
@@ -132,6 +155,11 @@ def main():
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile's backend for both (eager: trace only, as bench/gpu.sh --smoke uses on CPU)")
+    ap.add_argument("--zero-stage", type=int, default=2, choices=(1, 2, 3))
+    ap.add_argument("--memory-only", action="store_true",
+                    help="ours alone for --steps steps: peak memory (CUDA allocated, or the process's peak RSS on CPU)")
     args = ap.parse_args()
     args.preset = "ldm-kl8-t2i-1.45b" if args.gpu else "debug-t2i"
     args.precision = "bf16" if args.gpu else "fp32"
@@ -143,6 +171,9 @@ def main():
         latent_dir = write_random_latents(Path(tmp) / "latents", args.preset, 8 * args.batch)
         job = setup(our_config(args, latent_dir, Path(tmp) / "run"))
         device = job.dist.device
+        if args.memory_only:
+            print(json.dumps(peak_memory(args, job, device, num_steps)))
+            return
         steps = {"ours": our_step(job)}
         steps["peer"], peer_unet_params = peer_step(args, device, next(iter(job.loader)))
         job.batches = iter(job.loader)  # the peek above superseded the job's iterator
@@ -154,8 +185,9 @@ def main():
     peak = matmul_peak(device, torch.bfloat16 if args.gpu else torch.float32, 8192 if args.gpu else 1024)
     print(json.dumps({
         "bench": "train_step", "device": torch.cuda.get_device_name() if args.gpu else "cpu",
-        "preset": args.preset, "text_encoder": "frozen" if args.unet_only else "joint", "zero_stage": 2,
+        "preset": args.preset, "text_encoder": "frozen" if args.unet_only else "joint", "zero_stage": args.zero_stage,
         "batch": args.batch, "precision": args.precision, "compiled": args.compile,
+        "compile_backend": args.compile_backend if args.compile else None,
         "ours_img_s": round(img_s["ours"], 2), "peer_img_s": round(img_s["peer"], 2),
         "ratio": round(img_s["ours"] / img_s["peer"], 3), "train_flops_per_image": flops,
         "matmul_peak_tflops": round(peak / 1e12, 3), "ours_mfu": round(img_s["ours"] * flops / peak, 4),

@@ -1,9 +1,10 @@
-"""`python -m jobs.plan experiment=t2i-1.45b [data.path=...] [plan.num_gpus=8] [plan.img_per_s_per_gpu=...]`
+"""`python -m jobs.plan experiment=t2i-1.45b [data.path=...] [plan.num_gpus=8] [plan.device=H100] [plan.img_per_s_per_gpu=...]`
 
 Prints what a training config will cost, without training: parameter counts, FLOPs per training
 image (torch.utils.flop_counter on the meta device, forward + backward), model-state memory per GPU
 for each ZeRO stage, the latent dataset's size on disk, and the GPU-hours of the configured run at a
-given throughput. Reads the same config as jobs.train (conf/train.yaml).
+given throughput: plan.img_per_s_per_gpu, else our img/s in the newest bench/gpu.sh results file
+(bench/results/) for this preset on plan.device, and it says which. Reads the same config as jobs.train (conf/train.yaml).
 
 Memory per GPU (model states only; activations, buffers and fragmentation come on top). We train
 fp32 weights under bf16 autocast (jobs/train/setup.py), so with P trainable parameters and N GPUs:
@@ -67,11 +68,44 @@ def plan(cfg: TrainConfig) -> dict:
               "num_images": num_images, "total_train_flops": flops * num_images,
               "memory_per_gpu_gib": memory_per_gpu(counts["trainable"], counts["frozen"], num_gpus),
               "dataset": dataset_size(cfg.data.path)}
-    if cfg.plan.img_per_s_per_gpu:
-        result["img_per_s_per_gpu"] = cfg.plan.img_per_s_per_gpu
-        result["gpu_hours"] = num_images / cfg.plan.img_per_s_per_gpu / 3600
+    throughput = cfg.plan.img_per_s_per_gpu
+    if throughput:
+        result["throughput_source"] = {"kind": "plan.img_per_s_per_gpu"}
+    else:
+        measured = bench_throughput(cfg.plan.bench_results, cfg.model.preset, cfg.plan.device,
+                                    cfg.trainer.compile, cfg.model.train_text_encoder)
+        if measured is not None:
+            throughput, result["throughput_source"] = measured["img_per_s"], measured
+    if throughput:
+        result["img_per_s_per_gpu"] = throughput
+        result["gpu_hours"] = num_images / throughput / 3600
         result["wall_hours"] = result["gpu_hours"] / num_gpus
     return result
+
+
+def bench_throughput(folder: str, preset: str, device: str | None, compiled: bool, joint_text: bool) -> dict | None:
+    """Our img/s per GPU from the newest bench/gpu.sh results file (by date, then name) holding a train_step run of
+    `preset` on a GPU whose name contains `device` (any GPU when None); smoke files never count. Among that
+    file's runs, the one that matches torch.compile and the text encoder's training best. None when none."""
+    files = sorted(Path(folder).glob("*.json"), key=lambda f: (f.name[:10], f.name), reverse=True)
+    for path in files:
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if record.get("format") != "ldm-pipeline/bench-results" or record.get("smoke"):
+            continue
+        if device is not None and device.lower() not in str(record.get("device", "")).lower():
+            continue
+        runs = [(name, run) for name, run in record.get("runs", {}).items()
+                if run.get("bench") == "train_step" and run.get("preset") == preset and run.get("ours_img_s")]
+        if runs:
+            name, run = max(runs, key=lambda r: (r[1].get("compiled") == compiled,
+                                                 (r[1].get("text_encoder") == "joint") == joint_text))
+            return {"kind": "bench", "file": str(path), "run": name, "device": record["device"],
+                    "date": record.get("date"), "img_per_s": run["ours_img_s"], "compiled": run.get("compiled"),
+                    "text_encoder": run.get("text_encoder")}
+    return None
 
 
 def format_plan(result: dict) -> str:
@@ -87,9 +121,12 @@ def format_plan(result: dict) -> str:
     lines.append("dataset: data.path unset or not found" if data is None else
                  f"dataset: {data['num_samples']} samples in {data['num_shards']} shards, "
                  f"{data['bytes_on_disk'] / 2**30:.2f} GiB on disk")
-    lines.append(f"GPU-hours {result['gpu_hours']:.0f} at {result['img_per_s_per_gpu']} img/s/GPU "
+    source = result.get("throughput_source", {})
+    origin = (f"measured on {source['device']} ({source['file']}, run {source['run']})" if source.get("kind") == "bench"
+              else "plan.img_per_s_per_gpu")
+    lines.append(f"GPU-hours {result['gpu_hours']:.0f} at {result['img_per_s_per_gpu']} img/s/GPU, {origin} "
                  f"({result['wall_hours']:.1f} h wall)" if "gpu_hours" in result else
-                 "GPU-hours: set plan.img_per_s_per_gpu (measure it with bench/train_step.py)")
+                 "GPU-hours: no bench/gpu.sh result for this preset; set plan.img_per_s_per_gpu or run bench/gpu.sh")
     return "\n".join(lines)
 
 

@@ -67,6 +67,7 @@ class TrainerConfig:
     max_consecutive_nonfinite: int = 5  # stop after this many non-finite losses in a row
     deterministic: bool = False        # torch.use_deterministic_algorithms (bitwise resume tests)
     compile: bool = False              # torch.compile the UNet
+    compile_backend: str = "inductor"  # torch.compile's backend (eager / aot_eager: trace only, for debugging)
     activation_checkpointing: bool = False
     device: str = "auto"               # auto | cpu | cuda
     num_samples: int = 8               # images in the sample grid (every logger.image_every steps)
@@ -112,7 +113,9 @@ class OptimConfig:
 class PlanOptions:
     """Only read by `python -m jobs.plan`."""
     num_gpus: int = 8
-    img_per_s_per_gpu: float | None = None  # measured throughput; None: GPU-hours not printed
+    img_per_s_per_gpu: float | None = None  # measured throughput; None: the newest matching bench_results run
+    device: str | None = None           # which GPU's bench results (a substring of its name, e.g. H100); None: any
+    bench_results: str = "bench/results"  # bench/gpu.sh's results files
 
 
 @dataclass

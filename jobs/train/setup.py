@@ -138,7 +138,7 @@ def build_models(cfg: TrainConfig, device: torch.device, null_context_LD: torch.
     if cfg.trainer.activation_checkpointing:
         apply_activation_checkpointing(unet)
     if cfg.trainer.compile:
-        unet.compile()
+        unet.compile(backend=cfg.trainer.compile_backend)
     schedule = NoiseSchedule.from_config(preset.schedule)
     return Models(TrainModule(unet, conditioner).to(device), frozen, preset, schedule)
 
