@@ -12,11 +12,14 @@ memory. Both alternate rounds in one process. Prints one JSON line: img/s of bot
     python bench/train_step.py --gpu                     # 1.45B preset (UNet + text transformer), bf16
     python bench/train_step.py --gpu --unet-only         # the UNet alone (text encoder frozen, both)
     python bench/train_step.py --gpu --compile           # both under torch.compile
+    python bench/train_step.py --ranks 2                 # ours on 2 gloo ranks against torch DDP + AdamW on 2
 """
 import argparse
 import io
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,7 +28,7 @@ import torch
 from timing import img_per_s, matmul_peak
 
 from jobs.checkpointing import CheckpointConfig
-from jobs.distributed import free_port
+from jobs.distributed import cleanup, free_port
 from jobs.metrics import LoggerConfig
 from jobs.train.config import ModelConfig, OptimConfig, TrainConfig, TrainerConfig
 from jobs.train.loop import setup, train_step
@@ -100,13 +103,19 @@ def our_step(job):
 
 
 def peer_step(args, device: torch.device, batch: dict):
-    """diffusers UNet (+ the same text transformer) with plain AdamW, on an in-memory batch."""
+    """diffusers UNet (+ the same text transformer) with plain AdamW, on an in-memory batch; on several ranks
+    both wrapped in torch DDP (the process group jobs.train's setup made)."""
     preset = PRESETS[args.preset]
     unet = diffusers_peer(preset.unet, preset.latent_size).to(device)
     text = build_conditioner(preset.conditioner).to(device).requires_grad_(not args.unet_only)
     if args.compile:
         unet = torch.compile(unet, backend=args.compile_backend)
     params = [p for m in (unet, text) for p in m.parameters() if p.requires_grad]
+    if args.ranks > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        unet = DistributedDataParallel(unet)
+        text = DistributedDataParallel(text) if not args.unet_only else text
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     z_0, tokens = batch["z"].to(device), batch["tokens"].to(device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -116,7 +125,7 @@ def peer_step(args, device: torch.device, batch: dict):
             t_B = torch.randint(0, 1000, (len(z_0),), device=device)
             eps = torch.randn_like(z_0)
             context = text(tokens)
-            out = unet(z_0 + eps, t_B, encoder_hidden_states=context).sample
+            out = unet(z_0 + eps, t_B, encoder_hidden_states=context, return_dict=False)[0]
             loss = torch.nn.functional.mse_loss(out.float(), eps)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -157,16 +166,24 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile's backend for both (eager: trace only, as bench/gpu.sh --smoke uses on CPU)")
-    ap.add_argument("--zero-stage", type=int, default=2, choices=(1, 2, 3))
+    ap.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
     ap.add_argument("--memory-only", action="store_true",
                     help="ours alone for --steps steps: peak memory (CUDA allocated, or the process's peak RSS on CPU)")
+    ap.add_argument("--ranks", type=int, default=1,
+                    help="2: ours on 2 gloo (or NCCL) ranks against torch DDP + AdamW on 2 ranks, same model; img/s of "
+                         "the global batch")
     args = ap.parse_args()
+    if args.ranks > 1 and "LOCAL_RANK" not in os.environ:  # start the ranks: this script again under torchrun
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.ranks}",
+                   f"--master_port={free_port()}", sys.argv[0], *sys.argv[1:]]
+        raise SystemExit(subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode)
     args.preset = "ldm-kl8-t2i-1.45b" if args.gpu else "debug-t2i"
     args.precision = "bf16" if args.gpu else "fp32"
     args.batch = args.batch or (64 if args.gpu else 16)
     num_steps = args.steps or (10 if args.gpu else 5)
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port())})
+    if args.ranks == 1:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(free_port())})
     with tempfile.TemporaryDirectory() as tmp:
         latent_dir = write_random_latents(Path(tmp) / "latents", args.preset, 8 * args.batch)
         job = setup(our_config(args, latent_dir, Path(tmp) / "run"))
@@ -180,18 +197,23 @@ def main():
         ours_unet_params = sum(p.numel() for p in job.engine.module.unet.parameters())
         if ours_unet_params != peer_unet_params:
             raise SystemExit(f"UNet configs differ: ours {ours_unet_params}, peer {peer_unet_params}")
-        img_s = img_per_s(steps, args.batch, num_steps, args.rounds, device)
+        img_s = img_per_s(steps, args.batch * args.ranks, num_steps, args.rounds, device)
+        is_main = job.dist.is_main
+        cleanup()
+    if not is_main:
+        return
     flops = train_flops_per_image(args.preset, not args.unet_only)
     peak = matmul_peak(device, torch.bfloat16 if args.gpu else torch.float32, 8192 if args.gpu else 1024)
     print(json.dumps({
         "bench": "train_step", "device": torch.cuda.get_device_name() if args.gpu else "cpu",
         "preset": args.preset, "text_encoder": "frozen" if args.unet_only else "joint", "zero_stage": args.zero_stage,
+        "ranks": args.ranks, "peer": "torch DDP + AdamW" if args.ranks > 1 else "plain AdamW",
         "batch": args.batch, "precision": args.precision, "compiled": args.compile,
         "compile_backend": args.compile_backend if args.compile else None,
         "ours_img_s": round(img_s["ours"], 2), "peer_img_s": round(img_s["peer"], 2),
         "ratio": round(img_s["ours"] / img_s["peer"], 3), "train_flops_per_image": flops,
-        "matmul_peak_tflops": round(peak / 1e12, 3), "ours_mfu": round(img_s["ours"] * flops / peak, 4),
-        "peer_mfu": round(img_s["peer"] * flops / peak, 4)}))
+        "matmul_peak_tflops": round(peak / 1e12, 3), "ours_mfu": round(img_s["ours"] / args.ranks * flops / peak, 4),
+        "peer_mfu": round(img_s["peer"] / args.ranks * flops / peak, 4)}))
 
 
 if __name__ == "__main__":

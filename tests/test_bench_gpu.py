@@ -84,3 +84,15 @@ def test_plan_takes_the_newest_matching_results_file_and_names_it(tmp_path):
     assert given["img_per_s_per_gpu"] == 100.0 and given["throughput_source"] == {"kind": "plan.img_per_s_per_gpu"}
     none = _plan(tmp_path, **{"plan.device": "V100"})
     assert "gpu_hours" not in none and "no bench/gpu.sh result for this preset" in format_plan(none)
+
+
+@pytest.mark.slow
+def test_the_two_rank_training_bench_measures_ours_against_ddp_on_two_ranks():
+    done = subprocess.run([sys.executable, "bench/train_step.py", "--ranks", "2", "--batch", "2", "--steps", "1",
+                           "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone prints
+    result = json.loads(lines[0])
+    assert result["ranks"] == 2 and result["peer"] == "torch DDP + AdamW" and result["zero_stage"] == 2
+    assert result["ours_img_s"] > 0 and result["peer_img_s"] > 0 and result["ratio"] > 0
