@@ -2,6 +2,7 @@
 the script cannot rot between the sessions that have a GPU; jobs.plan takes its GPU-hours from the newest results
 file that matches its preset and device, and says which."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ jobs.config.register_schemas()
 @pytest.mark.slow
 def test_smoke_runs_every_measurement_and_writes_one_results_file(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--smoke", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHON": sys.executable})  # this environment, whichever it is
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     record = json.loads(Path(summary["results"]).read_text())

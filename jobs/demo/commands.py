@@ -132,15 +132,20 @@ def train_autoencoder(s, log_path: Path) -> dict:
 def reconstruction_adherence(s, export_dir: Path, step: int) -> dict:
     """jobs.demo.adherence of the autoencoder's reconstructions (posterior mean) of the held-out images
     against their own captions: the ceiling of what the LDM's samples can reach."""
-    model, cfg, _ = load_autoencoder(export_dir)
     files = sorted((s.out / "data" / "held_out").glob("*.jpg"))
-    images = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]))
-    with torch.no_grad():
-        moments = model.encode_moments(images.permute(0, 3, 1, 2).float() / 127.5 - 1)
-        decoded = model.decode(moments[:, :cfg.embed_dim])  # KL: the posterior mean
-    reconstructions = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    reconstructions = reconstruct(export_dir, [Image.open(f) for f in files])
     shares = adherence(list(reconstructions), [scene_for_index(int(f.stem), s.seed) for f in files])
     return {"step": step, **shares}
+
+
+def reconstruct(export_dir: Path, pictures: list) -> np.ndarray:
+    """uint8 [N, H, W, 3]: the autoencoder's reconstructions (its posterior mean, KL) of the pictures."""
+    model, cfg, _ = load_autoencoder(export_dir)
+    images = torch.from_numpy(np.stack([np.asarray(p.convert("RGB")) for p in pictures]))
+    with torch.no_grad():
+        moments = model.encode_moments(images.permute(0, 3, 1, 2).float() / 127.5 - 1)
+        decoded = model.decode(moments[:, :cfg.embed_dim])
+    return ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def precompute(s, log_path: Path) -> dict:

@@ -16,17 +16,14 @@ the pictures and the curves.
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 from jobs.demo import report
-from jobs.demo.commands import IMAGE_SIZE, NUM_RANKS, run_job, train_image_task, train_stage
+from jobs.demo.commands import IMAGE_SIZE, NUM_RANKS, reconstruct, run_job, train_image_task, train_stage
 from jobs.demo.http_server import LoopbackServer
 from jobs.demo.layout_scenes import box_adherence, read_layouts, write_layout_dataset
 from jobs.demo.scenes import SHAPES, with_base_url
 from jobs.demo.stages import Stage, StageFailed
-from pipeline.models.autoencoder import load_autoencoder
 
 EXPERIMENT = "demo-layout"
 GUIDANCE_SCALE = 3.0  # the other demo models' (jobs/demo/run.py, tasks/classes.py)
@@ -74,17 +71,6 @@ def held_out(s) -> tuple[Path, list[list[dict]], list[Path]]:
     return path, layouts, images
 
 
-def reconstructions(s, pictures: list[Image.Image]) -> list[Image.Image]:
-    """The demo autoencoder's reconstructions (posterior mean) of `pictures`: the LDM draws through its
-    decoder, so its samples can follow their boxes about as often as these do."""
-    model, cfg, _ = load_autoencoder(s.out / "autoencoder" / "autoencoder")
-    x_BCHW = torch.from_numpy(np.stack([np.asarray(p) for p in pictures])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        decoded = model.decode(model.encode_moments(x_BCHW)[:, :cfg.embed_dim])
-    pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(p) for p in pixels]
-
-
 def evaluate(s, log_path: Path) -> dict:
     path, layouts, scenes = held_out(s)
     samples_dir = folder(s) / "eval" / "samples"
@@ -101,7 +87,9 @@ def evaluate(s, log_path: Path) -> dict:
     return {"layout_adherence": box_adherence(samples, layouts),
             "layout_adherence_shuffled": box_adherence(samples, layouts[1:] + layouts[:1]),
             "layout_adherence_scenes": box_adherence(pictures, layouts),
-            "layout_adherence_reconstructions": box_adherence(reconstructions(s, pictures), layouts),
+            # the LDM draws through this decoder: its reconstructions are about as far as samples can follow boxes
+            "layout_adherence_reconstructions": box_adherence(
+                list(reconstruct(s.out / "autoencoder" / "autoencoder", pictures)), layouts),
             "num_images": len(layouts), "num_boxes": sum(map(len, layouts)), "guidance_scale": GUIDANCE_SCALE,
             "samples_dir": str(samples_dir), "layouts": str(path)}
 
